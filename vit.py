@@ -1,0 +1,242 @@
+"""Vision Transformer backbone for DINO (paper Sec. 3.2 "Vision Transformer", Dosovitskiy et al. 2021).
+
+An image is cut into P x P patches, each linearly embedded; a learned [CLS] token is prepended, learned position
+embeddings are added, and a stack of pre-norm Transformer blocks follows. The output of the network is the [CLS]
+token after the final LayerNorm: that is the image feature DINO trains and k-NN evaluates.
+
+The parameter names are exactly those of the official code, so released DINO weights load strictly:
+    cls_token, pos_embed, patch_embed.proj.*, blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2.*, norm.*
+
+    model = vit_small(patch_size=16)
+    load_pretrained_weights(model, "dino_deitsmall16_pretrain.pth")
+    features = model(images)                       # (B, 384)
+    attn = model.get_last_selfattention(images)    # (B, 6, 1+N, 1+N)
+"""
+import argparse
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def drop_path(x, drop_prob, training):
+    """Stochastic depth: drop the whole residual branch for a random subset of samples (rescaled to keep the mean)."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)  # (B, 1, 1)
+    return x * mask / keep_prob
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, return_attention=False):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, C/heads)
+        if return_attention:
+            # explicit softmax(q k^T / sqrt(d)) only when the maps themselves are wanted (Sec. 4.2.2, Fig. 3)
+            return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
+        x = F.scaled_dot_product_attention(q, k, v)  # fused kernel, same maths
+        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()  # exact (erf) GELU, as the official code
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x)), each branch with drop-path."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        return x
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into non-overlapping patches and embed each linearly (a strided convolution does both)."""
+
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H/P, W/P) -> (B, N, D)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, drop_path_rate=0.0):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        num_patches = (img_size // patch_size) ** 2  # pos_embed is stored for this grid, interpolated for others
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # drop-path rises linearly with depth
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def interpolate_pos_encoding(self, npatch, h, w):
+        """Position embeddings for an h x w input: bicubic resize of the stored grid (official semantics).
+
+        The +0.1 offset and `scale_factor` (rather than `size`) reproduce the official code bit for bit, so
+        released weights give the official features at any input size, square or not.
+        """
+        N = self.pos_embed.shape[1] - 1
+        if npatch == N and h == w:
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        dim, side = self.pos_embed.shape[-1], math.sqrt(N)
+        h0, w0 = h // self.patch_size + 0.1, w // self.patch_size + 0.1
+        patch_pos = F.interpolate(
+            patch_pos.reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2),  # (1, D, side, side)
+            scale_factor=(h0 / side, w0 / side), mode="bicubic")
+        assert patch_pos.shape[-2:] == (int(h0), int(w0))
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)  # (1, h0*w0, D)
+        return torch.cat((cls_pos, patch_pos), dim=1)  # (1, 1+N', D)
+
+    def prepare_tokens(self, x):
+        B, _, h, w = x.shape
+        x = self.patch_embed(x)  # (B, N, D)
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1+N, D)
+        return x + self.interpolate_pos_encoding(x.shape[1] - 1, h, w)
+
+    def forward(self, x):
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)[:, 0]  # (B, D): the [CLS] token
+
+    def get_last_selfattention(self, x):
+        """Attention of the last block, (B, heads, 1+N, 1+N); row 0 is the [CLS] query (Fig. 3)."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        last = self.blocks[-1]
+        return last.attn(last.norm1(x), return_attention=True)
+
+    def get_intermediate_layers(self, x, n=1):
+        """The normed tokens (B, 1+N, D) of the last n blocks (used by linear evaluation)."""
+        x = self.prepare_tokens(x)
+        out = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if len(self.blocks) - i <= n:
+                out.append(self.norm(x))
+        return out
+
+
+def vit_tiny(patch_size=16, **kw):
+    return VisionTransformer(patch_size=patch_size, embed_dim=192, depth=12, num_heads=3, **kw)
+
+
+def vit_small(patch_size=16, **kw):
+    return VisionTransformer(patch_size=patch_size, embed_dim=384, depth=12, num_heads=6, **kw)
+
+
+def vit_base(patch_size=16, **kw):
+    return VisionTransformer(patch_size=patch_size, embed_dim=768, depth=12, num_heads=12, **kw)
+
+
+ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint, or one that does not fit the model (one-line message)."""
+
+
+def load_checkpoint_file(path):
+    """torch.load with weights_only (no arbitrary code); official checkpoints pickle an argparse.Namespace."""
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"checkpoint path is a directory: {path}") from None
+    except Exception as e:  # the unpickler raises many types (UnpicklingError, KeyError, EOFError, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first[:160]})") from None
+
+
+def backbone_state_dict(ckpt, checkpoint_key="teacher"):
+    """Extract backbone weights from a released file, an official training checkpoint or one of ours."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"expected a state dict, got {type(ckpt).__name__}")
+    if checkpoint_key in ckpt and isinstance(ckpt[checkpoint_key], dict):
+        ckpt = ckpt[checkpoint_key]
+    elif "teacher" in ckpt or "student" in ckpt:
+        raise CheckpointError(f"checkpoint has no key '{checkpoint_key}' (it has: {', '.join(map(str, ckpt))})")
+    sd = {}
+    for k, v in ckpt.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for prefix in ("module.", "backbone."):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        if k.startswith("head.") or k.startswith("fc."):  # projection/classifier heads are not backbone
+            continue
+        sd[k] = v
+    return sd
+
+
+def load_pretrained_weights(model, path, checkpoint_key="teacher"):
+    """Load backbone weights strictly; a file that does not fit the model raises CheckpointError naming why."""
+    sd = backbone_state_dict(load_checkpoint_file(path), checkpoint_key)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        if not any(k in own for k in sd):
+            raise CheckpointError(f"{path} holds no ViT backbone weights (found keys like {list(sd)[:3]})")
+        raise CheckpointError(f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]} "
+                              f"(wrong --arch?)")
+    for k, v in sd.items():
+        if k == "pos_embed" and v.shape != own[k].shape and v.shape[-1] == own[k].shape[-1]:
+            continue  # a different training resolution: the model keeps it (below) and interpolates at run time
+        if v.shape != own[k].shape:
+            raise CheckpointError(f"{path} does not fit the model: {k} has shape {tuple(v.shape)}, model expects "
+                                  f"{tuple(own[k].shape)} (wrong --arch or --patch?)")
+    if sd["pos_embed"].shape != own["pos_embed"].shape:
+        model.pos_embed = nn.Parameter(torch.zeros_like(sd["pos_embed"]))
+    model.load_state_dict(sd, strict=True)
+    return model
