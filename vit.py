@@ -166,16 +166,16 @@ class VisionTransformer(nn.Module):
         return out
 
 
-def vit_tiny(patch_size=16, **kw):
-    return VisionTransformer(patch_size=patch_size, embed_dim=192, depth=12, num_heads=3, **kw)
+def vit_tiny(patch_size=16, **kw):  # keyword overrides (e.g. depth=6 for a quick CPU model) take precedence
+    return VisionTransformer(**{"patch_size": patch_size, "embed_dim": 192, "depth": 12, "num_heads": 3, **kw})
 
 
 def vit_small(patch_size=16, **kw):
-    return VisionTransformer(patch_size=patch_size, embed_dim=384, depth=12, num_heads=6, **kw)
+    return VisionTransformer(**{"patch_size": patch_size, "embed_dim": 384, "depth": 12, "num_heads": 6, **kw})
 
 
 def vit_base(patch_size=16, **kw):
-    return VisionTransformer(patch_size=patch_size, embed_dim=768, depth=12, num_heads=12, **kw)
+    return VisionTransformer(**{"patch_size": patch_size, "embed_dim": 768, "depth": 12, "num_heads": 12, **kw})
 
 
 ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}

@@ -1,0 +1,183 @@
+"""train.py: the EMA teacher, schedules, clipping, freezing, checkpoints, resume and DDP (Alg. 1, Sec. 3.2)."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import train
+import vit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return data.make_folder_dataset(str(tmp_path_factory.mktemp("imgs")), n_train=32, n_val=20, size=32)
+
+
+def tiny_args(folder, out, *extra):
+    return ["--data", folder, "--arch", "vit_tiny", "--patch", "8", "--depth", "1", "--out_dim", "32",
+            "--global_size", "32", "--local_size", "16", "--local_crops_number", "2", "--batch_size", "8",
+            "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0", "--knn_every", "0",
+            "--output_dir", str(out), *extra]
+
+
+def run_cli(args, timeout=300):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def teacher_of(out, name="checkpoint.pth"):
+    return torch.load(os.path.join(out, name), map_location="cpu", weights_only=False)["teacher"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_momentum_teacher_update_is_the_ema_formula():
+    teacher, student = [torch.randn(3, 4), torch.randn(5)], [torch.randn(3, 4), torch.randn(5)]
+    expected = [0.99 * t + 0.01 * s for t, s in zip(teacher, student)]
+    train.update_teacher(teacher, student, 0.99)
+    for t, e in zip(teacher, expected):
+        torch.testing.assert_close(t, e)
+
+
+def test_schedules_have_one_value_per_iteration_and_the_right_endpoints():
+    lr = train.cosine_schedule(1.0, 0.01, epochs=10, niter_per_ep=5, warmup_epochs=2)
+    assert len(lr) == 50 and lr[0] == 0.0 and lr[9] == pytest.approx(1.0)  # linear warm-up from 0
+    assert np.all(np.diff(lr[10:]) <= 0) and lr[-1] == pytest.approx(0.01, abs=2e-3)  # cosine down to min
+    momentum = train.cosine_schedule(0.996, 1.0, 10, 5)
+    assert momentum[0] == 0.996 and momentum[-1] == pytest.approx(1.0, abs=1e-5) and np.all(np.diff(momentum) >= 0)
+    assert len(train.cosine_schedule(1.0, 0.0, 1, 4, warmup_epochs=10)) == 4  # warm-up longer than the run
+
+
+def test_gradient_clipping_is_per_parameter_as_in_the_official_code():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    grads = [torch.full_like(p, v) for p, v in zip(model.parameters(), [10.0, 0.01, 5.0, 0.1])]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    train.clip_gradients(model, 1.0)
+    for p, g in zip(model.parameters(), grads):
+        expected = g * min(1.0, 1.0 / (g.norm().item() + 1e-6))  # each parameter on its own
+        torch.testing.assert_close(p.grad, expected)
+
+
+def test_weight_decay_applies_to_weights_cls_token_and_pos_embed_but_not_biases_or_norms():
+    model = train.MultiCropWrapper(vit.vit_tiny(depth=1), torch.nn.Linear(192, 8))
+    decay, no_decay = train.param_groups(model)
+    decayed = {id(p) for p in decay["params"]}
+    named = dict(model.named_parameters())
+    assert id(named["backbone.cls_token"]) in decayed and id(named["backbone.pos_embed"]) in decayed
+    assert id(named["backbone.blocks.0.attn.qkv.weight"]) in decayed
+    assert id(named["backbone.blocks.0.attn.qkv.bias"]) not in decayed and id(named["backbone.norm.weight"]) not in decayed
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_teacher_gets_no_gradients_and_sees_only_the_global_crops(folder, tmp_path, monkeypatch):
+    seen = []
+    forward = vit.VisionTransformer.forward
+
+    def recording_forward(self, x):
+        seen.append((self.cls_token.requires_grad, x.shape[-1]))
+        return forward(self, x)
+    monkeypatch.setattr(vit.VisionTransformer, "forward", recording_forward)
+    student, teacher, _ = train.main(train.get_args(tiny_args(folder, tmp_path, "--epochs", "1")))
+    assert {size for trainable, size in seen if not trainable} == {32}  # teacher: global crops only
+    assert {size for trainable, size in seen if trainable} == {32, 16}  # student: every crop
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+
+
+def test_a_short_run_gives_a_finite_loss_a_full_log_and_a_loadable_checkpoint(folder, tmp_path):
+    train.main(train.get_args(tiny_args(folder, tmp_path)))
+    logs = [eval(line.replace("NaN", "float('nan')")) for line in open(tmp_path / "log.txt")]
+    assert [log["epoch"] for log in logs] == [0, 1]
+    for key in ("loss", "teacher_entropy", "kl", "lr", "wd", "momentum", "teacher_temp", "img_per_s"):
+        assert math.isfinite(logs[-1][key]), key
+    backbone = vit.vit_tiny(patch_size=8, depth=1, img_size=32)
+    vit.load_pretrained_weights(backbone, tmp_path / "checkpoint.pth")
+    assert not os.path.exists(tmp_path / "checkpoint.pth.tmp")
+
+
+def test_the_last_layer_is_frozen_in_the_first_epoch_only(folder, tmp_path):
+    args = train.get_args(tiny_args(folder, tmp_path, "--saveckp_freq", "1", "--freeze_last_layer", "1"))
+    torch.manual_seed(args.seed)
+    initial = train.build_model(args, args.drop_path_rate).head.last_layer.weight_v.detach().clone()
+    train.main(args)
+    after = [torch.load(tmp_path / f"checkpoint{e:04}.pth", weights_only=False)["student"]["head.last_layer.weight_v"]
+             for e in (0, 1)]
+    assert torch.equal(after[0], initial) and not torch.equal(after[1], initial)
+
+
+def test_stopping_after_an_epoch_and_rerunning_equals_an_uninterrupted_run(folder, tmp_path):
+    train.main(train.get_args(tiny_args(folder, tmp_path / "straight")))
+    train.main(train.get_args(tiny_args(folder, tmp_path / "resumed", "--stop_after_epoch", "0")))
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=False)["epoch"] == 1
+    train.main(train.get_args(tiny_args(folder, tmp_path / "resumed")))
+    assert_same_weights(teacher_of(tmp_path / "straight"), teacher_of(tmp_path / "resumed"))
+
+
+def test_resuming_with_flags_that_change_the_schedules_is_refused(folder, tmp_path):
+    train.main(train.get_args(tiny_args(folder, tmp_path, "--stop_after_epoch", "0")))
+    with pytest.raises(train.UserError, match="--lr"):
+        train.main(train.get_args(tiny_args(folder, tmp_path, "--lr", "0.1")))
+
+
+def test_sigterm_mid_epoch_saves_and_rerunning_reaches_the_same_teacher(folder, tmp_path):
+    flags = ["--batch_size", "4", "--log_every", "1"]
+    assert run_cli(tiny_args(folder, tmp_path / "straight", *flags)).returncode == 0
+    log = open(tmp_path / "stderr.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny_args(folder, tmp_path / "killed", *flags)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=log, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and "loss=" not in open(tmp_path / "stderr.txt").read():
+        time.sleep(0.05)  # wait until training has taken a few steps
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 128 + signal.SIGTERM
+    assert "interrupted: checkpoint saved" in open(tmp_path / "stderr.txt").read()
+    it = torch.load(tmp_path / "killed" / "checkpoint.pth", weights_only=False)["iteration"]
+    assert 0 < it < 16  # 8 iterations per epoch, 2 epochs: stopped before the end
+    assert run_cli(tiny_args(folder, tmp_path / "killed", *flags)).returncode == 0
+    assert_same_weights(teacher_of(tmp_path / "straight"), teacher_of(tmp_path / "killed"))
+
+
+DDP_WORKER = """
+import sys, torch, torch.distributed as dist
+import train
+student, teacher, loss = train.main(train.get_args(sys.argv[1:-1]))
+torch.save({"student": student.state_dict(), "center": loss.center}, f"{sys.argv[-1]}/rank{dist.get_rank()}.pth")
+"""
+
+
+def test_two_process_gloo_run_keeps_both_ranks_identical(folder, tmp_path):
+    (tmp_path / "worker.py").write_text(DDP_WORKER)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "worker.py"), *tiny_args(folder, out, "--batch_size", "4", "--epochs", "1"),
+                           str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pth", weights_only=False) for r in (0, 1))
+    assert_same_weights(r0["student"], r1["student"])
+    assert torch.equal(r0["center"], r1["center"]) and r0["center"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--local_size", "64", "--global_size", "32"], "larger than --global_size"),
+    (["--patch", "16", "--global_size", "40"], "does not divide"),
+    (["--arch", "vit_huge"], "unknown --arch"),
+    (["--data", "/no/such/folder"], "not found"),
+])
+def test_bad_flags_and_paths_give_one_line_and_exit_code_2(tmp_path, flags, message):
+    proc = run_cli(["--output_dir", str(tmp_path), *flags])
+    assert proc.returncode == 2 and message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

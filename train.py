@@ -1,0 +1,460 @@
+"""DINO training: a student learns to match a momentum teacher across multi-crop views (paper Alg. 1, Sec. 3).
+
+    python train.py                                   # CPU recipe on the embedded dataset, about 10 minutes
+    python train.py --data /path/to/images            # the paper recipe on an image folder (one GPU)
+    torchrun --nproc_per_node=8 train.py --arch vit_small --patch 16 --data /path/imagenet/train
+
+The same file runs under `python` and `torchrun` (gloo on CPU, nccl on CUDA). Re-running the same command in
+the same --output_dir resumes; SIGINT/SIGTERM saves a checkpoint at the next step boundary.
+Outputs: OUT/checkpoint.pth (resumable), OUT/log.txt (one JSON line per epoch).
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+import augment
+import data
+import vit
+from head import DINOHead
+from loss import DINOLoss
+
+# Recipes. The paper's (Sec. 3.2, App.; DESIGN.md §5) and a small one that learns on 2 CPU cores in ~10 minutes.
+# Every value can be overridden by its flag; the help of each flag prints both presets.
+PRESETS = {
+    "paper": dict(arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=True, momentum_teacher=0.996,
+                  warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30, weight_decay=0.04,
+                  weight_decay_end=0.4, clip_grad=3.0, batch_size=64, epochs=100, freeze_last_layer=1, lr=0.0005,
+                  warmup_epochs=10, min_lr=1e-6, drop_path_rate=0.1, global_crops_scale=(0.4, 1.0),
+                  local_crops_number=10, local_crops_scale=(0.05, 0.4), global_size=224, local_size=96,
+                  blur_radius=(0.1, 2.0), depth=12, knn_every=0, num_workers=10),
+    "cpu": dict(arch="vit_tiny", patch_size=8, out_dim=1024, norm_last_layer=True, momentum_teacher=0.99,
+                warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0, weight_decay=0.04,
+                weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=10, freeze_last_layer=1, lr=0.001,
+                warmup_epochs=1, min_lr=1e-5, drop_path_rate=0.0, global_crops_scale=(0.4, 1.0),
+                local_crops_number=4, local_crops_scale=(0.05, 0.4), global_size=64, local_size=32,
+                blur_radius=(0.1, 0.6), depth=6, knn_every=1, num_workers=2),
+}
+HELP = {
+    "arch": "ViT size (vit_tiny, vit_small, vit_base).",
+    "patch_size": "Patch size in pixels: 8 gives better features at ~4x the cost of 16.",
+    "depth": "Number of Transformer blocks (12 in the paper; fewer for a quick CPU run).",
+    "out_dim": "K, the dimension of the DINO head output; large K (65536) helps on ImageNet.",
+    "norm_last_layer": "Fix the norm of the last head layer to 1 (stabler; set False for better ViT-S results).",
+    "momentum_teacher": "Base EMA momentum of the teacher, raised to 1 on a cosine. Raise it (0.9995) for small "
+                        "batches.",
+    "warmup_teacher_temp": "Initial teacher temperature; lower it if the loss does not decrease at the start.",
+    "teacher_temp": "Teacher temperature after warm-up. 0.04-0.07; above 0.07 is unstable.",
+    "warmup_teacher_temp_epochs": "Epochs of linear teacher-temperature warm-up.",
+    "weight_decay": "Initial weight decay (cosine schedule to --weight_decay_end).",
+    "weight_decay_end": "Final weight decay.",
+    "clip_grad": "Per-parameter gradient norm clip (official semantics); 0 disables.",
+    "batch_size": "Images per process (GPU); the global batch is this times the number of processes.",
+    "epochs": "Number of epochs; the schedules span them all.",
+    "freeze_last_layer": "Epochs during which the last head layer gets no update (stabilises the start).",
+    "lr": "Peak learning rate at batch 256, scaled linearly with the global batch: lr * batch / 256.",
+    "warmup_epochs": "Epochs of linear learning-rate warm-up from 0.",
+    "min_lr": "Learning rate at the end of the cosine schedule.",
+    "drop_path_rate": "Stochastic depth of the student (the teacher has none).",
+    "global_crops_scale": "Area range of the 2 global crops.",
+    "local_crops_number": "Number of small local views; 0 disables multi-crop.",
+    "local_crops_scale": "Area range of the local crops.",
+    "global_size": "Side of the global crops in pixels.",
+    "local_size": "Side of the local crops in pixels.",
+    "blur_radius": "Gaussian blur radius range in pixels (scale it down for small crops).",
+    "knn_every": "Online 20-NN accuracy on a held-back labelled split every N epochs (0: never).",
+    "num_workers": "Data loading processes per training process.",
+}
+# changing these on resume would silently change the schedules or the model
+SCHEDULE_KEYS = ["arch", "patch_size", "depth", "out_dim", "epochs", "batch_size", "world_size", "lr", "min_lr",
+                 "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher", "warmup_teacher_temp",
+                 "teacher_temp", "warmup_teacher_temp_epochs", "freeze_last_layer", "local_crops_number", "data",
+                 "global_size", "local_size", "seed", "no_centering", "no_sharpening"]
+
+
+class UserError(Exception):
+    """A mistake in the command or the files: reported as one line, exit code 2."""
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, help="Recipe the other flags default to (cpu for the embedded "
+                   "data, paper for an image folder); explicit flags override it.")
+    for k, v in PRESETS["paper"].items():
+        names = {"patch_size": ["--patch", "--patch_size"], "batch_size": ["--batch_size", "--batch_size_per_gpu"]}
+        kw = dict(default=None, help=f"{HELP[k]} (cpu: {PRESETS['cpu'][k]}; paper: {v})")
+        if isinstance(v, tuple):
+            kw.update(nargs=2, type=float)
+        elif isinstance(v, bool):
+            kw.update(type=lambda s: s.lower() in ("1", "true", "yes"))
+        else:
+            kw.update(type=type(v))
+        p.add_argument(*names.get(k, [f"--{k}"]), dest=k, **kw)
+    p.add_argument("--data", default="shapes", help="'shapes' (embedded, offline) or an image folder of class "
+                   "sub-folders (labels are never used for training; ROOT/train is used if present).")
+    p.add_argument("--output_dir", default="out", help="Checkpoints and log; re-running in it resumes.")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 autocast where the device supports it, else fp32. fp16 (GradScaler) is CUDA only.")
+    p.add_argument("--no_centering", action="store_true", help="Ablation (Fig. 7): no centring; collapses to one-hot.")
+    p.add_argument("--no_sharpening", action="store_true", help="Ablation (Fig. 7): teacher temperature = student "
+                   "temperature; collapses to uniform.")
+    p.add_argument("--saveckp_freq", default=0, type=int, help="Also keep checkpointNNNN.pth every N epochs (0: never).")
+    p.add_argument("--stop_after_epoch", default=None, type=int, help="Save and stop after this epoch (for time-"
+                   "limited jobs); re-run without it to continue.")
+    p.add_argument("--seed", default=0, type=int, help="Random seed (weights, views, order).")
+    p.add_argument("--log_every", default=10, type=int, help="Iterations between progress-bar updates.")
+    args = p.parse_args(argv)
+    args.preset = args.preset or ("cpu" if args.data == "shapes" else "paper")
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for k in ("global_crops_scale", "local_crops_scale", "blur_radius"):
+        setattr(args, k, tuple(getattr(args, k)))
+    if args.local_size > args.global_size:
+        raise UserError(f"--local_size {args.local_size} is larger than --global_size {args.global_size}")
+    for size in (args.global_size, args.local_size):
+        if size % args.patch_size:
+            raise UserError(f"--patch {args.patch_size} does not divide the crop size {size}")
+    if args.arch not in vit.ARCHS:
+        raise UserError(f"unknown --arch {args.arch} (choose from {', '.join(vit.ARCHS)})")
+    if args.precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--precision fp16 needs CUDA; use bf16 or fp32 on CPU")
+    return args
+
+
+class MultiCropDataset(Dataset):
+    """The views of image i in epoch e come from a generator seeded with (seed, e, i): reproducible anywhere."""
+
+    def __init__(self, base, transform, seed):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, _ = self.base[i]  # the label is never used for training
+        g = torch.Generator().manual_seed((self.seed * 10_000 + self.epoch) * 100_000_000 + i)
+        return self.transform(img, g)
+
+
+class MultiCropWrapper(nn.Module):
+    """Backbone once per crop resolution (global crops batched together, local crops together), head once."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops):
+        feats, start = [], 0
+        while start < len(crops):
+            end = start
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            feats.append(self.backbone(torch.cat(crops[start:end])))  # (n_crops_of_this_size·B, D)
+            start = end
+        return self.head(torch.cat(feats))  # (n_crops·B, K), crops stacked view by view
+
+
+def build_model(args, drop_path_rate):
+    backbone = vit.ARCHS[args.arch](patch_size=args.patch_size, img_size=args.global_size, depth=args.depth,
+                                    drop_path_rate=drop_path_rate)
+    return MultiCropWrapper(backbone, DINOHead(backbone.embed_dim, args.out_dim, norm_last_layer=args.norm_last_layer))
+
+
+def cosine_schedule(base, final, epochs, niter_per_ep, warmup_epochs=0, start_warmup=0.0):
+    """One value per iteration: linear warm-up from start_warmup to base, then cosine from base to final."""
+    warmup = np.linspace(start_warmup, base, int(warmup_epochs * niter_per_ep))
+    iters = np.arange(epochs * niter_per_ep - len(warmup))
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))
+    return np.concatenate((warmup, cosine))[: epochs * niter_per_ep]
+
+
+def param_groups(model):
+    """Weight decay on weight matrices (and cls_token/pos_embed), not on biases or norms (official groups)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def clip_gradients(model, clip):
+    """Each parameter's gradient is rescaled to norm <= clip (official semantics), with no host sync."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    coefs = torch._foreach_add(torch._foreach_norm(grads), 1e-6)  # ||g|| + 1e-6
+    torch._foreach_reciprocal_(coefs)
+    torch._foreach_mul_(coefs, clip)
+    torch._foreach_clamp_max_(coefs, 1.0)  # min(1, clip / (||g|| + 1e-6))
+    torch._foreach_mul_(grads, coefs)
+
+
+@torch.no_grad()
+def update_teacher(teacher_params, student_params, m):
+    """Momentum teacher (Sec. 3.1): θ_t ← m θ_t + (1 − m) θ_s, all parameters at once with _foreach ops."""
+    torch._foreach_mul_(teacher_params, m)
+    torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
+
+
+def resolve_precision(precision, device):
+    if precision == "auto":
+        ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        precision = "bf16" if ok else "fp32"
+    return precision
+
+
+def init_distributed():
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; plain `python` runs as a single process without a group."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(minutes=30))  # a dead rank fails the others, not hangs
+        return dist.get_rank(), dist.get_world_size(), local_rank
+    return 0, 1, 0
+
+
+def save_checkpoint(state, path):
+    """Atomic: write a temporary file, then rename over the old one (a crash mid-save keeps the previous)."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def main(args):
+    rank, world, local_rank = init_distributed()
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(args.precision, device)
+    args.world_size = world
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+
+    # ============ data: 2 global + N local views per image ============
+    transform = augment.MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale,
+                                              args.local_crops_number, args.global_size, args.local_size,
+                                              args.blur_radius)
+    dataset = MultiCropDataset(data.build_dataset(args.data, "train"), transform, args.seed)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    niter_per_ep = len(sampler) // args.batch_size
+    if niter_per_ep == 0:
+        raise UserError(f"--batch_size {args.batch_size} x {world} processes is more than the {len(dataset)} images")
+    knn_sets = load_knn_sets(args) if args.knn_every else None
+
+    # ============ student and teacher: same architecture, same initial weights ============
+    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts it)
+    student = build_model(args, args.drop_path_rate).to(device)
+    teacher = build_model(args, 0.0).to(device)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False  # the teacher is never trained by gradients, only by EMA
+    student_ddp = DistributedDataParallel(student) if dist.is_initialized() else student
+    torch.manual_seed(args.seed + rank)  # from here: drop-path draws, different on every rank
+    ncrops = 2 + args.local_crops_number
+    dino_loss = DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, args.epochs, centering=not args.no_centering,
+                         sharpening=not args.no_sharpening).to(device)
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, **fused)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    # ============ schedules: one value per iteration ============
+    lr_schedule = cosine_schedule(args.lr * args.batch_size * world / 256, args.min_lr, args.epochs, niter_per_ep,
+                                  args.warmup_epochs)
+    wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep)
+    momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, niter_per_ep)
+
+    # ============ resume ============
+    start_it, history, resume_sums = 0, [], None
+    if os.path.isfile(ckpt_path):
+        ckpt = vit.load_checkpoint_file(ckpt_path)
+        changed = [f"--{k} was {ckpt['args'].get(k)}, now {vars(args)[k]}" for k in SCHEDULE_KEYS
+                   if ckpt["args"].get(k) != vars(args)[k] and not isinstance(ckpt["args"].get(k), (list, tuple))]
+        if changed:
+            raise UserError(f"cannot resume {ckpt_path}: {'; '.join(changed)} (this would break the schedules); "
+                            f"use another --output_dir or the same flags")
+        student.load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        dino_loss.load_state_dict(ckpt["dino_loss"])
+        torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+        start_it, history, resume_sums = ckpt["iteration"], ckpt["history"], ckpt["epoch_sums"]
+        if rank == 0:
+            print(f"resumed from {ckpt_path} at epoch {start_it // niter_per_ep}, iteration {start_it}")
+    total_it = args.epochs * niter_per_ep
+    if start_it >= total_it:
+        if rank == 0:
+            print(f"training already finished ({args.epochs} epochs) in {args.output_dir}; use another --output_dir "
+                  f"to train again")
+        return
+
+    stop = {"signal": None}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+
+    def state(it, sums):
+        rng = [torch.get_rng_state()]
+        if dist.is_initialized():  # each rank has its own generator (drop-path)
+            rng = [None] * world
+            dist.all_gather_object(rng, torch.get_rng_state())
+        return {"student": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "dino_loss": dino_loss.state_dict(), "epoch": it // niter_per_ep,
+                "iteration": it, "args": vars(args), "rng": rng, "history": history, "epoch_sums": sums}
+
+    autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                              enabled=precision in ("bf16", "fp16"))
+    teacher_params = list(teacher.parameters())
+    student_params = list(student.parameters())
+    if rank == 0:
+        print(f"{args.arch}/{args.patch_size} depth {args.depth}, K={args.out_dim}, {ncrops} crops, {len(dataset)} "
+              f"images, {world} process(es) x {args.batch_size}, {precision} on {device}, {args.epochs} epochs")
+
+    it = start_it
+    for epoch in range(start_it // niter_per_ep, args.epochs):
+        sampler.set_epoch(epoch)
+        dataset.epoch = epoch
+        done = it - epoch * niter_per_ep  # iterations of this epoch already run (mid-epoch resume)
+        indices = list(sampler)[done * args.batch_size:]
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=indices, num_workers=args.num_workers,
+                            drop_last=True, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(args.seed + epoch))
+        sums = torch.zeros(4, device=device)  # running sums of loss, teacher entropy, KL, steps
+        if done and resume_sums is not None:  # resumed mid-epoch: the log still covers the whole epoch
+            sums = resume_sums.to(device)
+        resume_sums = None
+        first_bad = torch.full((), -1, device=device)
+        t0, seen = time.time(), 0
+        bar = tqdm(loader, total=niter_per_ep, initial=done, desc=f"epoch {epoch}", disable=rank != 0,
+                   dynamic_ncols=True, leave=False)
+        for crops in bar:
+            # --- DINO step ---
+            for i, pg in enumerate(optimizer.param_groups):
+                pg["lr"] = float(lr_schedule[it])
+                if i == 0:  # only the weight matrices are decayed
+                    pg["weight_decay"] = float(wd_schedule[it])
+            crops = [augment.normalize(c.to(device, non_blocking=True)) for c in crops]  # uint8 -> float
+            with autocast:
+                teacher_output = teacher(crops[:2])  # (2·B, K): the teacher sees the global views only
+                student_output = student_ddp(crops)  # (ncrops·B, K): the student sees every view
+                loss = dino_loss(student_output, teacher_output, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                clip_gradients(student, args.clip_grad)
+            if epoch < args.freeze_last_layer:  # the prototypes do not move in the first epoch(s)
+                for p in student.head.last_layer.parameters():
+                    p.grad = None
+            scaler.step(optimizer)
+            scaler.update()
+            update_teacher(teacher_params, student_params, float(momentum_schedule[it]))
+            # --- end of DINO step ---
+            stats = dino_loss.stats
+            sums += torch.stack([loss.detach().float(), stats["teacher_entropy"], stats["kl"], torch.ones((), device=device)])
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), it, first_bad)
+            it += 1
+            seen += crops[0].shape[0] * world
+            if it % args.log_every == 0 or stop["signal"]:
+                check_finite(first_bad, niter_per_ep, ckpt_path)  # the one host sync, at intervals
+                if rank == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", h_t=f"{stats['teacher_entropy'].item():.2f}",
+                                    img_s=f"{seen / (time.time() - t0):.1f}")
+            if stop_requested(stop, it, args.log_every, device):
+                check_finite(first_bad, niter_per_ep, ckpt_path)
+                st = state(it, sums)
+                if rank == 0:
+                    save_checkpoint(st, ckpt_path)
+                    print(f"interrupted: checkpoint saved at epoch {epoch}, iteration {it}; re-run the same command "
+                          "to resume", file=sys.stderr)
+                sys.exit(128 + (stop["signal"] or 15))
+        bar.close()
+        check_finite(first_bad, niter_per_ep, ckpt_path)
+        loss_m, h_m, kl_m, n = (sums.tolist())
+        log = {"epoch": epoch, "loss": loss_m / n, "teacher_entropy": h_m / n, "kl": kl_m / n,
+               "lr": float(lr_schedule[it - 1]), "wd": float(wd_schedule[it - 1]),
+               "momentum": float(momentum_schedule[it - 1]),
+               "teacher_temp": dino_loss.teacher_temp(epoch), "img_per_s": seen / (time.time() - t0)}
+        if args.knn_every and (epoch + 1) % args.knn_every == 0:
+            log["knn_top1"] = knn_monitor(teacher.backbone, knn_sets, device)
+        history.append(log)
+        st = state(it, None)  # a collective when distributed: every rank takes part
+        if rank == 0:
+            save_checkpoint(st, ckpt_path)
+            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+                save_checkpoint(st, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(log) + "\n")
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
+            warn_collapse(log["teacher_entropy"], args.out_dim, epoch)
+        if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
+            if rank == 0:
+                print(f"stopped after epoch {epoch} as asked; re-run without --stop_after_epoch to continue")
+            break
+    return student, teacher, dino_loss
+
+
+def stop_requested(stop, it, every, device):
+    """Did SIGINT/SIGTERM arrive? When distributed, all ranks agree every `every` steps (one tiny all-reduce)."""
+    if not dist.is_initialized():
+        return stop["signal"] is not None
+    if it % every:
+        return False
+    flag = torch.tensor(stop["signal"] or 0, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    stop["signal"] = int(flag) or None
+    return stop["signal"] is not None
+
+
+def check_finite(first_bad, niter_per_ep, ckpt_path):
+    bad = int(first_bad)
+    if bad >= 0:
+        kept = f"the last good checkpoint is {ckpt_path}" if os.path.isfile(ckpt_path) else "no checkpoint was written"
+        raise UserError(f"loss is not finite at epoch {bad // niter_per_ep}, iteration {bad}; stopped ({kept}). Try "
+                        "a lower --lr, --clip_grad 3, a lower --teacher_temp or --precision fp32")
+
+
+def warn_collapse(entropy, out_dim, epoch):
+    """Fig. 7: entropy → 0 is collapse to one dimension, → log K is collapse to uniform."""
+    log_k = math.log(out_dim)
+    if epoch >= 1 and entropy < 0.05 * log_k:
+        print(f"warning: teacher entropy {entropy:.3f} is near 0: every image maps to the same dimension "
+              "(collapse: sharpening not balanced by centring)", file=sys.stderr)
+    elif epoch >= 1 and entropy > 0.98 * log_k:
+        print(f"warning: teacher entropy {entropy:.3f} is near log K = {log_k:.3f}: the teacher output is uniform "
+              "(collapse: centring not balanced by sharpening; try a lower --teacher_temp)", file=sys.stderr)
+
+
+def load_knn_sets(args):
+    """Held-back labelled data for the online k-NN monitor (labels are used here only, never for training)."""
+    import eval_knn
+    return eval_knn.monitor_datasets(args.data, args.global_size)
+
+
+def knn_monitor(backbone, knn_sets, device):
+    import eval_knn
+    return eval_knn.monitor_top1(backbone, *knn_sets, device=device)
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except (UserError, data.DataError, vit.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
