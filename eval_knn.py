@@ -1,0 +1,303 @@
+"""Weighted k-NN classification on frozen features (paper Sec. 3.2 "Evaluation protocols"; Wu et al. 2018).
+
+Every image goes once through the frozen backbone (the teacher by default); its [CLS] output is L2-normalised.
+A test image is compared with all training images by cosine similarity; its k nearest neighbours vote for their
+class with weight exp(similarity / T), T = 0.07, and the class with the most votes wins. No training, no
+hyper-parameter to tune but k: a cheap probe of how well the features cluster by class. Paper (ImageNet,
+ViT-S/16, 800 epochs): 74.5% top-1 with k = 20.
+
+    python eval_knn.py OUT/checkpoint.pth                       # data, arch, patch and image size from the checkpoint
+    python eval_knn.py dino_deitsmall16_pretrain.pth --arch vit_small --patch 16 --data /path/imagenet
+    torchrun --nproc_per_node=8 eval_knn.py CKPT --data /path/imagenet     # features extracted in parallel
+
+Also used by train.py as an online monitor (Fig. 7-style curves of k-NN accuracy during training):
+    sets = monitor_datasets("shapes", 64); top1 = monitor_top1(teacher.backbone, *sets, device=device)
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from tqdm import tqdm
+
+import augment
+import data as data_lib
+import vit
+
+
+# ----------------------------------------------------------------------------- the classifier
+
+@torch.no_grad()
+def knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes=None, chunk_size=100):
+    """Weighted k-NN, the official semantics; features must be L2-normalised rows. Returns (top1, top5) in percent.
+
+    Test images are processed `chunk_size` at a time so memory stays O(chunk_size · N_train), whatever their number.
+    Top-5 counts the first min(5, k) predictions as the official code does (with fewer than 5 neighbours there are
+    fewer than 5 classes with a vote), and never more than there are classes.
+    """
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(k, train_features.shape[0])  # cannot retrieve more neighbours than there are training images
+    n_top5 = min(5, k, num_classes)
+    train_features_t = train_features.t()  # (D, N_train)
+    num_test = test_labels.shape[0]
+    top1 = top5 = 0
+    for start in range(0, num_test, chunk_size):
+        features = test_features[start:start + chunk_size]  # (b, D)
+        targets = test_labels[start:start + chunk_size]  # (b,)
+        # cosine similarity = dot product of unit vectors
+        similarity = features @ train_features_t  # (b, N_train)
+        distances, indices = similarity.topk(k, dim=1, largest=True, sorted=True)  # (b, k)
+        neighbours = train_labels[indices]  # (b, k): the class of each neighbour
+        # votes_c = sum over the k neighbours j of class c of exp(s_j / T)  (= one-hot(y_j) weighted and summed)
+        weights = (distances / T).exp()  # (b, k)
+        votes = torch.zeros(targets.shape[0], num_classes, device=weights.device, dtype=weights.dtype)
+        votes.scatter_add_(1, neighbours, weights)  # (b, C)
+        # stable sort: classes with equal votes (e.g. none) stay in class order, so results are reproducible
+        predictions = votes.sort(dim=1, descending=True, stable=True).indices  # (b, C)
+        correct = predictions.eq(targets.view(-1, 1))  # (b, C)
+        top1 += correct[:, :1].sum().item()
+        top5 += correct[:, :n_top5].sum().item()
+    return top1 * 100.0 / num_test, top5 * 100.0 / num_test
+
+
+# ----------------------------------------------------------------------------- features
+
+class _WithIndex(Dataset):
+    """(image, label, index): the index says where a sample's feature goes when processes share the work."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return image, label, i
+
+
+def _all_gather(t):
+    """(b, ...) on each process -> (world·b, ...) on every process (DistributedSampler makes all b equal)."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)  # (world*b, ...)
+
+
+@torch.no_grad()
+def extract_features(model, dataset, device, batch_size=128, num_workers=0, progress=True):
+    """Run `model` (any callable: normalised float images (B, 3, H, W) -> (B, D)) on every image of `dataset`.
+
+    The dataset yields (uint8 image (3, H, W), label). Returns (features (N, D) float32, labels (N,) long) on
+    `device`, in dataset order. Under torchrun every process extracts a shard and all of them get every feature,
+    so all processes must call this together. The caller puts the model in eval mode.
+    """
+    if len(dataset) == 0:
+        raise ValueError("cannot extract features of an empty dataset")
+    distributed = dist.is_available() and dist.is_initialized()
+    sampler = DistributedSampler(dataset, shuffle=False) if distributed else None  # pads to a multiple of world
+    loader = DataLoader(_WithIndex(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", drop_last=False)
+    show = progress and (not distributed or dist.get_rank() == 0)
+    features = labels = None
+    for images, targets, index in tqdm(loader, desc="features", disable=not show, leave=False):
+        images = augment.normalize(images.to(device, non_blocking=True))  # uint8 -> float, ImageNet mean/std
+        feats = model(images).float()  # (b, D); fp32 storage even if the caller runs under autocast
+        targets, index = targets.to(device), index.to(device)
+        if distributed:
+            feats, targets, index = _all_gather(feats), _all_gather(targets), _all_gather(index)  # (world*b, ...)
+        if features is None:
+            features = torch.zeros(len(dataset), feats.shape[-1], device=device)  # (N, D)
+            labels = torch.zeros(len(dataset), dtype=torch.long, device=device)  # (N,)
+        features.index_copy_(0, index, feats)  # padded duplicates write the same row twice: harmless
+        labels.index_copy_(0, index, targets.long())
+    return features, labels
+
+
+def num_classes_of(dataset, labels):
+    classes = getattr(getattr(dataset, "dataset", dataset), "classes", None)  # a Subset's classes are its dataset's
+    return len(classes) if classes else int(labels.max()) + 1
+
+
+def monitor_datasets(data, image_size, max_train=10000, max_val=2000):
+    """Labelled (train, val) datasets with the evaluation transform, for the online monitor of train.py.
+
+    The embedded data is used whole (5000 / 1000 images); a big folder is subsampled at evenly spaced indices
+    (samples are sorted by class, so every class keeps its share) to keep the monitor to seconds."""
+    sets = []
+    for split, cap in (("train", max_train), ("val", max_val)):
+        ds = data_lib.build_dataset(data, split, augment.eval_transform(image_size))
+        if len(ds) > cap:
+            ds = Subset(ds, torch.linspace(0, len(ds) - 1, cap).long().tolist())
+        sets.append(ds)
+    return tuple(sets)
+
+
+@torch.no_grad()
+def monitor_top1(model, train_dataset, val_dataset, device, k=20, temperature=0.07, batch_size=128, num_workers=0):
+    """Online monitor for train.py: top-1 (%) of the weighted k-NN on `model`'s L2-normalised [CLS] features.
+
+    The datasets already apply the evaluation transform (see `monitor_datasets`). The model's train/eval mode is
+    restored. Under torchrun call it on every process (features are gathered); all of them get the same number.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        train_features, train_labels = extract_features(model, train_dataset, device, batch_size, num_workers, False)
+        test_features, test_labels = extract_features(model, val_dataset, device, batch_size, num_workers, False)
+    finally:
+        model.train(was_training)
+    top1, _ = knn_classifier(F.normalize(train_features, dim=1), train_labels, F.normalize(test_features, dim=1),
+                             test_labels, k, temperature, num_classes_of(train_dataset, train_labels))
+    return top1
+
+
+# ----------------------------------------------------------------------------- checkpoints, data, processes
+# (shared with eval_linear.py)
+
+def load_backbone(path, arch=None, patch_size=None, checkpoint_key="teacher"):
+    """Build the ViT that `path` was trained with and load its weights. Returns (model, saved training args).
+
+    Our checkpoints and official training checkpoints carry their args (arch, patch_size); a bare released
+    backbone file does not, and then `arch` and `patch_size` must be given. Explicit values win. Our args also give
+    the depth and training resolution (a CPU run may train fewer blocks than the paper's 12).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = vit.load_checkpoint_file(path)
+    if not isinstance(ckpt, dict):
+        raise vit.CheckpointError(f"{path} does not hold a state dict (found {type(ckpt).__name__})")
+    saved = ckpt.get("args")
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved) if isinstance(saved, dict) else {}
+    del ckpt  # load_pretrained_weights reads the file again: keep one copy in memory at a time
+    arch = arch or saved.get("arch")
+    patch_size = patch_size or saved.get("patch_size") or saved.get("patch")
+    if not arch or not patch_size:
+        raise vit.CheckpointError(f"{path} has no saved training args (a bare backbone file?): "
+                                  "pass --arch and --patch, e.g. --arch vit_small --patch 16")
+    archs = getattr(vit, "ARCHS", {name: getattr(vit, name) for name in ("vit_tiny", "vit_small", "vit_base")})
+    if arch not in archs:
+        raise vit.CheckpointError(f"unknown architecture '{arch}' (choose from {', '.join(archs)})")
+    shape = {"depth": saved["depth"]} if saved.get("depth") else {}
+    if saved.get("global_size"):
+        shape["img_size"] = saved["global_size"]  # the stored pos_embed grid (other sizes are interpolated)
+    model = archs[arch](patch_size=int(patch_size), **shape)
+    vit.load_pretrained_weights(model, path, checkpoint_key)
+    return model, {**saved, "arch": arch, "patch_size": int(patch_size)}  # the values actually used
+
+
+def resolve_data(data, saved):
+    """--data, else the data the checkpoint was trained on, else the embedded dataset. (build_dataset also accepts
+    the `/path/imagenet/train` a training run may have saved: it finds the sibling val/.)"""
+    return data or saved.get("data") or "shapes"
+
+
+def eval_image_size(image_size, saved):
+    """--image_size, else the training global crop size (ours saves it; official runs used 224)."""
+    return int(image_size or saved.get("global_size") or 224)
+
+
+def setup_distributed():
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1). Returns (device, rank)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank() if dist.is_initialized() else 0
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def one_line_error(e):
+    return "error: " + " ".join(str(e).split())
+
+
+# ----------------------------------------------------------------------------- command line
+
+def get_args_parser():
+    p = argparse.ArgumentParser("eval_knn.py", description="Weighted k-NN on frozen DINO features (Sec. 3.2).")
+    p.add_argument("checkpoint", nargs="?", help="our OUT/checkpoint.pth, an official training checkpoint or a "
+                   "released backbone file (not needed with --load_features)")
+    p.add_argument("--data", default=None, help="'shapes' (embedded) or a folder with train/ and val/ class folders; "
+                   "default: the data the checkpoint was trained on, else 'shapes'")
+    p.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int,
+                   help="numbers of neighbours to try; 20 usually works best (default: %(default)s)")
+    p.add_argument("--temperature", default=0.07, type=float,
+                   help="temperature T of the vote weights exp(sim/T) (default: %(default)s)")
+    p.add_argument("--checkpoint_key", default="teacher", help="which network of a training checkpoint to "
+                   "evaluate: 'teacher' (as the paper) or 'student' (default: %(default)s)")
+    p.add_argument("--arch", default=None, help="vit_tiny, vit_small or vit_base; needed only for a bare backbone file")
+    p.add_argument("--patch", "--patch_size", dest="patch_size", default=None, type=int,
+                   help="patch size (8 or 16); needed only for a bare backbone file")
+    p.add_argument("--image_size", default=None, type=int, help="centre-crop size (the image is first resized to "
+                   "size*256/224); default: the checkpoint's global crop size, else 224")
+    p.add_argument("--batch_size", "--batch_size_per_gpu", dest="batch_size", default=128, type=int,
+                   help="images per forward pass, per process (default: %(default)s)")
+    p.add_argument("--num_workers", default=2, type=int, help="data loading processes per process; raise it for "
+                   "image folders on a big machine, the official code uses 10 (default: %(default)s)")
+    p.add_argument("--dump_features", default=None, help="save the features and labels in this folder")
+    p.add_argument("--load_features", default=None, help="folder of features saved by --dump_features: skip the model")
+    return p
+
+
+FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")  # the official names
+
+
+def run(args):
+    device, rank = setup_distributed()
+    num_classes = None
+    if args.load_features:
+        tensors = [vit.load_checkpoint_file(os.path.join(args.load_features, f)).to(device) for f in FEATURE_FILES]
+        train_features, test_features, train_labels, test_labels = tensors
+    else:
+        model, saved = load_backbone(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key)
+        model.to(device).eval()
+        size, data = eval_image_size(args.image_size, saved), resolve_data(args.data, saved)
+        transform = augment.eval_transform(size)
+        train_dataset = data_lib.build_dataset(data, "train", transform)
+        val_dataset = data_lib.build_dataset(data, "val", transform)
+        if rank == 0:
+            print(f"{saved['arch']}/{saved['patch_size']}, {len(model.blocks)} blocks ({args.checkpoint_key}) on "
+                  f"'{data}': {len(train_dataset)} train / {len(val_dataset)} val images at {size}px")
+        train_features, train_labels = extract_features(model, train_dataset, device, args.batch_size,
+                                                        args.num_workers)
+        test_features, test_labels = extract_features(model, val_dataset, device, args.batch_size, args.num_workers)
+        num_classes = num_classes_of(train_dataset, train_labels)
+    train_features = F.normalize(train_features, dim=1, p=2)  # (N_train, D) unit rows
+    test_features = F.normalize(test_features, dim=1, p=2)  # (N_test, D)
+    if rank == 0:
+        if args.dump_features:
+            os.makedirs(args.dump_features, exist_ok=True)
+            for f, t in zip(FEATURE_FILES, (train_features, test_features, train_labels, test_labels)):
+                torch.save(t.cpu(), os.path.join(args.dump_features, f))
+        for k in args.nb_knn:
+            top1, top5 = knn_classifier(train_features, train_labels, test_features, test_labels, k,
+                                        args.temperature, num_classes)
+            print(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5}")
+    cleanup_distributed()
+
+
+def main(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if not args.checkpoint and not args.load_features:
+        parser.error("a checkpoint is required (or --load_features DIR)")
+    try:
+        run(args)
+    except (OSError, ValueError) as e:  # missing file, not a checkpoint, wrong arch, bad data folder (DataError)
+        print(one_line_error(e), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
