@@ -441,7 +441,7 @@ def warn_collapse(entropy, out_dim, epoch):
 def load_knn_sets(args):
     """Held-back labelled data for the online k-NN monitor (labels are used here only, never for training)."""
     import eval_knn
-    return eval_knn.monitor_datasets(args.data, args.global_size)
+    return eval_knn.monitor_datasets(args.data, args.global_size, max_train=2500, max_val=1000)  # a few seconds
 
 
 def knn_monitor(backbone, knn_sets, device):

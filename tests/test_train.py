@@ -181,3 +181,17 @@ def test_bad_flags_and_paths_give_one_line_and_exit_code_2(tmp_path, flags, mess
     proc = run_cli(["--output_dir", str(tmp_path), *flags])
     assert proc.returncode == 2 and message in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_folder_with_a_corrupt_and_a_truncated_image_trains_to_the_end(folder, tmp_path):
+    import shutil
+    root = tmp_path / "imgs"
+    shutil.copytree(folder, root)
+    good = sorted((root / "train").rglob("*.png"))
+    (good[0].parent / "corrupt.png").write_bytes(b"this is not an image")
+    data_bytes = good[1].read_bytes()
+    (good[1].parent / "truncated.png").write_bytes(data_bytes[: len(data_bytes) // 2])
+    proc = run_cli(tiny_args(str(root), tmp_path / "out", "--epochs", "1", "--batch_size", "2"))
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert "unreadable" in proc.stderr
+    assert os.path.isfile(tmp_path / "out" / "checkpoint.pth")

@@ -1,0 +1,254 @@
+"""Self-attention of the [CLS] token, and the masks it makes (paper Sec. 4.2.2 "Probing the self-attention map",
+Fig. 1, 3 and 4).
+
+In the last block, the [CLS] query attends to every patch; drawn as an image, one map per head, it outlines the
+objects although no label or mask was ever used (Fig. 1, 3). Keeping the patches that hold 60% of a map's mass gives
+a segmentation mask; the paper scores these masks against ground-truth masks with the Jaccard index (intersection
+over union). PASCAL VOC12 val, ViT-S/16: random weights 22.0, supervised 27.3, DINO 45.9 (Fig. 4).
+
+    python visualize_attention.py OUT/checkpoint.pth --image cat.jpg --output_dir attn/
+    python visualize_attention.py dino_deitsmall8_pretrain.pth --arch vit_small --patch 8 --image cat.jpg
+    python visualize_attention.py OUT/checkpoint.pth --jaccard [--random_init]  # embedded data: masks built in
+    python visualize_attention.py CKPT --jaccard --data /path/ROOT --masks /path/MASKROOT [--max_images 500]
+
+Pictures: img.png (the input as the model saw it), attn-head{i}.png (heat map of head i), attn-overlay.png (every
+head in its own colour, as Fig. 3) and mask-head{i}.png (head i's 60%-mass mask over the image, as Fig. 4).
+The image's short side is resized to --image_size (default: the checkpoint's training crop size, 64 px for the CPU
+recipe; 480 for a released backbone file, the paper's figures), then cropped (top-left, as the official code) to a
+multiple of the patch size; the position embeddings are interpolated to any grid. Maps are upsampled to pixels by
+repeating each patch's value (nearest, as the official code).
+
+`--jaccard` prints one line `Jaccard X`, X in percent like the paper's table: per image, the Jaccard of the best
+head's mask with the foreground mask, averaged over images. That is the authors' protocol (facebookresearch/dino
+issue #54: for each ground-truth object mask, the head with the best Jaccard); our masks hold one foreground, so
+it is the max over heads. The Jaccard of the union of all heads' masks is reported on stderr for comparison.
+"""
+import argparse
+import colorsys
+import os
+import sys
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from tqdm import tqdm
+
+import augment
+import data as data_lib
+import eval_knn
+import vit
+
+RELEASED_IMAGE_SIZE = 480  # the paper's figures: "480p images, 3601 tokens for ViT-S/8" (Sec. 4.2.2)
+# viridis (the colour map of the official pictures) at 0, 1/4, 1/2, 3/4 and 1 of the range; linear in between
+VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float32)
+
+
+# ----------------------------------------------------------------------------- attention, masks, Jaccard
+
+def prepare(img, size, patch_size, mask=None):
+    """PIL image -> uint8 (3, h, w): short side resized to `size` (bicubic), cropped to a multiple of the patch.
+    A ground-truth mask (bool (H, W)) goes through the same resize (nearest) and crop: returns (image, mask)."""
+    img = TF.resize(img.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC)
+    h, w = img.height - img.height % patch_size, img.width - img.width % patch_size
+    if h == 0 or w == 0:
+        raise ValueError(f"a {img.width}x{img.height} image is smaller than one {patch_size}-pixel patch")
+    x = augment.to_uint8_tensor(img)[:, :h, :w]  # (3, h, w)
+    if mask is not None:
+        mask = Image.fromarray(np.asarray(mask, np.uint8) * 255).resize(img.size, Image.NEAREST)
+        mask = np.asarray(mask)[:h, :w] > 0  # (h, w)
+    return x, mask
+
+
+@torch.no_grad()
+def cls_attention(model, x):
+    """uint8 images (B, 3, h, w) -> last-layer attention of the [CLS] query to every patch, (B, heads, h/P, w/P).
+    Each softmax row sums to 1 over [CLS] + patches, so a map sums to 1 minus the [CLS]-to-itself weight."""
+    attn = model.get_last_selfattention(augment.normalize(x))  # (B, heads, 1+N, 1+N)
+    B, heads, P = attn.shape[0], attn.shape[1], model.patch_size
+    return attn[:, :, 0, 1:].reshape(B, heads, x.shape[-2] // P, x.shape[-1] // P)  # row 0: [CLS]; columns 1: patches
+
+
+def mass_mask(attn, threshold=0.6):
+    """Keep the patches that hold `threshold` of each map's attention mass (Fig. 4: 60%), official rule: sort the
+    values in increasing order, cumulative sum / total, keep a patch when that sum exceeds 1 - threshold.
+    So the kept set is the smallest set of top patches whose mass is at least `threshold` (ties: the later patch
+    ranks higher). attn (..., h, w) -> bool (..., h, w)."""
+    flat = attn.flatten(-2)  # (..., N)
+    values, order = flat.sort(dim=-1, stable=True)  # increasing
+    cum = values.cumsum(-1) / values.sum(-1, keepdim=True)  # (..., N): mass of the patch and all smaller ones
+    keep = torch.zeros_like(cum, dtype=torch.bool).scatter_(-1, order, cum > 1 - threshold)  # back to patch order
+    return keep.reshape(attn.shape)
+
+
+def to_pixels(grid, patch_size):
+    """(..., h/P, w/P) -> (..., h, w): each patch's value over its P x P pixels (nearest upsampling by P)."""
+    return grid.repeat_interleave(patch_size, -2).repeat_interleave(patch_size, -1)
+
+
+def jaccard(pred, gt):
+    """|pred ∩ gt| / |pred ∪ gt| over the last two dims (1 when both are empty); bool masks, broadcast."""
+    inter = (pred & gt).flatten(-2).sum(-1).float()
+    union = (pred | gt).flatten(-2).sum(-1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+@torch.no_grad()
+def evaluate_jaccard(model, dataset, size, threshold=0.6, max_images=None):
+    """Mean over images of the best head's Jaccard and of the union-of-heads Jaccard (percent).
+    Images without a mask, or with an empty one (no foreground), are skipped. Returns (best, union, n, skipped)."""
+    device, P = next(model.parameters()).device, model.patch_size
+    indices = range(len(dataset))
+    if max_images and max_images < len(dataset):  # evenly spaced: a folder is sorted by class, keep every class
+        indices = np.linspace(0, len(dataset) - 1, max_images).round().astype(int).tolist()
+    best, union, skipped = [], [], 0
+    for i in tqdm(indices, desc="jaccard", leave=False, file=sys.stderr):
+        gt = dataset.mask(i)
+        if gt is None or not gt.any():
+            skipped += 1
+            continue
+        x, gt = prepare(dataset.image(i), size, P, gt)
+        masks = to_pixels(mass_mask(cls_attention(model, x[None].to(device))[0], threshold), P)  # (heads, h, w)
+        gt = torch.from_numpy(gt).to(device)  # (h, w)
+        best.append(jaccard(masks, gt).max().item())  # the best head (issue #54)
+        union.append(jaccard(masks.any(0), gt).item())  # all heads together
+    if not best:
+        raise data_lib.DataError(f"none of the {len(indices)} images has a ground-truth foreground mask "
+                                 "(masks mirror the image paths: MASKROOT/<class>/<name>.png)")
+    return 100 * float(np.mean(best)), 100 * float(np.mean(union)), len(best), skipped
+
+
+# ----------------------------------------------------------------------------- pictures (numpy, no matplotlib)
+
+def heatmap(a):
+    """(h, w) float -> (h, w, 3) uint8 through viridis, from the map's min to its max (as plt.imsave)."""
+    t = (a - a.min()) / max(float(a.max() - a.min()), 1e-12) * (len(VIRIDIS) - 1)  # (h, w) in [0, 4]
+    i = np.minimum(t.astype(int), len(VIRIDIS) - 2)
+    f = (t - i)[..., None]  # (h, w, 1)
+    return np.round(VIRIDIS[i] * (1 - f) + VIRIDIS[i + 1] * f).astype(np.uint8)  # (h, w, 3)
+
+
+def head_colours(n):
+    return np.array([colorsys.hsv_to_rgb(i / n, 0.85, 1.0) for i in range(n)]) * 255  # (n, 3), evenly spaced hues
+
+
+def overlay(image, attn, alpha=0.6, cut=0.2):
+    """Fig. 3: each head tints the image in its own colour where its map (scaled to [0, 1]) exceeds `cut`, with
+    weight alpha * sqrt(map). image (h, w, 3) uint8, attn (heads, h, w) float."""
+    out = image.astype(np.float32)
+    for a, colour in zip(attn, head_colours(len(attn))):
+        a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
+        w = (alpha * np.sqrt(a) * (a > cut))[..., None]  # (h, w, 1)
+        out = out * (1 - w) + colour * w
+    return np.round(out).astype(np.uint8)
+
+
+def mask_picture(image, mask, colour, alpha=0.5):
+    """Fig. 4: the image tinted where the mask is on, its boundary drawn in full colour."""
+    out = np.where(mask[..., None], image * (1 - alpha) + colour * alpha, image)  # (h, w, 3)
+    m = np.pad(mask, 1)
+    inner = m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]  # all 4 neighbours inside
+    out[mask & ~inner] = colour
+    return np.round(out).astype(np.uint8)
+
+
+@torch.no_grad()
+def visualize(model, image_path, output_dir, size, threshold=0.6):
+    """Write img.png, attn-head{i}.png, attn-overlay.png and mask-head{i}.png; returns the file names."""
+    if not os.path.isfile(image_path):
+        raise FileNotFoundError(f"image not found: {image_path}")
+    x, _ = prepare(data_lib.load_rgb(image_path), size, model.patch_size)  # (3, h, w) uint8
+    attn = cls_attention(model, x[None].to(next(model.parameters()).device))[0]  # (heads, h/P, w/P)
+    masks = to_pixels(mass_mask(attn, threshold), model.patch_size).cpu().numpy()  # (heads, h, w) bool
+    attn = to_pixels(attn, model.patch_size).float().cpu().numpy()  # (heads, h, w)
+    image = x.permute(1, 2, 0).numpy()  # (h, w, 3)
+    pictures = {"img.png": image, "attn-overlay.png": overlay(image, attn)}
+    for i, colour in enumerate(head_colours(len(attn))):
+        pictures[f"attn-head{i}.png"] = heatmap(attn[i])
+        pictures[f"mask-head{i}.png"] = mask_picture(image, masks[i], colour)
+    os.makedirs(output_dir, exist_ok=True)
+    for name, picture in pictures.items():
+        Image.fromarray(picture).save(os.path.join(output_dir, name))
+    return list(pictures)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def random_like(model, arch, seed=0):
+    """An untrained ViT of the same shape (arch, patch, depth, stored position grid), initialised from `seed`."""
+    torch.manual_seed(seed)
+    grid = round((model.pos_embed.shape[1] - 1) ** 0.5)  # side of the stored position-embedding grid
+    return vit.ARCHS[arch](patch_size=model.patch_size, depth=len(model.blocks), img_size=grid * model.patch_size)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("visualize_attention.py", description="[CLS] self-attention maps, their 60%-mass "
+                                "masks, and their Jaccard with ground-truth masks (Sec. 4.2.2, Fig. 3-4).")
+    p.add_argument("checkpoint", help="our OUT/checkpoint.pth, an official training checkpoint or a released "
+                   "backbone file (then give --arch and --patch)")
+    p.add_argument("--image", default=None, help="picture to visualise (any size, any format PIL reads)")
+    p.add_argument("--output_dir", default=".", help="where the PNGs go (default: %(default)s)")
+    p.add_argument("--image_size", default=None, type=int, help="short side in pixels before the crop to a multiple "
+                   f"of the patch; default: the checkpoint's global crop size, else {RELEASED_IMAGE_SIZE} (paper)")
+    p.add_argument("--threshold", default=0.6, type=float, help="fraction of each map's attention mass the masks "
+                   "keep; the paper uses 0.6 (default: %(default)s)")
+    p.add_argument("--jaccard", action="store_true", help="score the masks against ground-truth foreground masks "
+                   "of the val images; prints `Jaccard X` (percent)")
+    p.add_argument("--data", default=None, help="with --jaccard: 'shapes' (masks built in) or a folder with val/ "
+                   "class folders; default: the data the checkpoint was trained on, else 'shapes'")
+    p.add_argument("--masks", default=None, help="with --jaccard on a folder: masks mirroring the val/ image paths "
+                   "(MASKROOT/<class>/<name>.png or MASKROOT/val/...; nonzero = foreground); default: ROOT/masks")
+    p.add_argument("--random_init", action="store_true", help="use an untrained model of the checkpoint's shape "
+                   "(the paper's 'random' baseline)")
+    p.add_argument("--seed", default=0, type=int, help="seed of --random_init (default: %(default)s)")
+    p.add_argument("--max_images", default=None, type=int, help="with --jaccard: evaluate this many evenly spaced "
+                   "val images (default: all)")
+    p.add_argument("--checkpoint_key", default="teacher", help="'teacher' (as the paper) or 'student'")
+    p.add_argument("--arch", default=None, help="vit_tiny, vit_small or vit_base; needed only for a bare backbone file")
+    p.add_argument("--patch", "--patch_size", dest="patch_size", default=None, type=int,
+                   help="patch size (8 or 16); needed only for a bare backbone file")
+    return p
+
+
+def run(args):
+    if not args.image and not args.jaccard:
+        raise ValueError("nothing to do: give --image PATH, or --jaccard")
+    if not 0 < args.threshold <= 1:
+        raise ValueError(f"--threshold must be in (0, 1], got {args.threshold}")
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max_images must be at least 1, got {args.max_images}")
+    model, saved = eval_knn.load_backbone(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key)
+    if args.random_init:
+        model = random_like(model, saved["arch"], args.seed)
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    size = int(args.image_size or saved.get("global_size") or RELEASED_IMAGE_SIZE)
+    if args.image:
+        names = visualize(model, args.image, args.output_dir, size, args.threshold)
+        print(f"wrote {len(names)} pictures ({', '.join(names[:4])}, ...) to {args.output_dir}")
+    if args.jaccard:
+        data = eval_knn.resolve_data(args.data, saved)
+        masks = args.masks or (None if data in data_lib.VARIANTS else os.path.join(data, "masks"))
+        dataset = data_lib.build_dataset(data, "val", masks_root=masks)  # first: a missing data folder is the news
+        if masks is not None and not os.path.isdir(masks):
+            raise data_lib.DataError(f"masks folder not found: {masks} (--jaccard on an image folder needs "
+                                     "--masks MASKROOT)")
+        best, union, n, skipped = evaluate_jaccard(model, dataset, size, args.threshold, args.max_images)
+        print(f"{saved['arch']}/{model.patch_size}, {len(model.blocks)} blocks"
+              f"{' (random init)' if args.random_init else ''} on '{data}': {n} val images at {size}px "
+              f"({skipped} without foreground mask skipped), {args.threshold:.0%} of the mass; "
+              f"Jaccard best head {best:.2f}, union of heads {union:.2f}", file=sys.stderr)
+        print(f"Jaccard {best:.2f}")
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        run(args)
+    except (OSError, ValueError) as e:  # missing file, not a checkpoint, wrong arch, bad data folder (DataError)
+        print(eval_knn.one_line_error(e), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
