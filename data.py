@@ -1,0 +1,453 @@
+"""The images DINO learns from: an embedded procedural dataset and real image folders.
+
+- `ShapesDataset` (`--data shapes`): 10 classes of shapes (circle, square, ..., L-shape), each drawn with a random
+  colour, size, rotation and position on a cluttered random background, 64x64 RGB, with a foreground mask per image.
+  Generated in seconds with numpy/PIL (no download ever) and cached under $DINO_CACHE or ~/.cache/dino_shapes.
+  Labels serve evaluation only (k-NN, linear probe, Sec. 3.2); training never reads them.
+  `--data shapes2` has 10 other classes on another background style: data the CPU recipe was never tuned on.
+- `ImageFolderDataset`: ImageNet-style ROOT/{train,val}/<class>/<image> folders, read lazily; an unreadable or
+  truncated file is skipped with a warning instead of crashing a run hours in.
+- `build_dataset(data, split, transform=None, masks_root=None)`: what train.py and eval_*.py call.
+
+Every dataset yields `(transform(img), label)` with `img` an RGB PIL image, and has `classes`, `targets`,
+`image(i)` (the untransformed image) and `mask(i)` (bool (H, W) foreground, or None).
+
+    python data.py --out docs/samples.png [--data shapes] [--n 32]  # sample grid with masks (+ docs/multicrop.png)
+    python data.py --make_folder DIR [--variant shapes2]            # write a procedural ImageNet-style folder
+"""
+import argparse
+import os
+import tempfile
+import warnings
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "val")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+GENERATOR_VERSION = 3  # bump whenever the drawing code changes: it is part of the cache key
+MAX_CONSECUTIVE_FAILURES = 50
+
+
+class DataError(ValueError):
+    """A one-line, user-facing problem with the data (missing folder, no images, ...)."""
+
+
+class UnreadableImageWarning(UserWarning):
+    """An image file that could not be decoded and was skipped."""
+
+
+# --- the shapes, as polygons inside the unit circle; fill 255 draws the object, 0 cuts a hole -----------------
+def _ngon(n, r=1.0, phase=0.0, dx=0.0, aspect=1.0):
+    t = phase + 2 * np.pi * np.arange(n) / n
+    return np.stack([r * np.cos(t) + dx, aspect * r * np.sin(t)], 1)  # (n, 2)
+
+
+def _poly(*xy):  # centre a polygon on its vertex mean and scale its farthest vertex to radius 1
+    p = np.array(xy, dtype=np.float64).reshape(-1, 2)  # (n, 2)
+    p -= p.mean(0)
+    return p / np.linalg.norm(p, axis=1).max()
+
+
+def _rect(hx, hy):  # a centred rectangle of half-sizes hx, hy
+    return np.array([(-hx, -hy), (hx, -hy), (hx, hy), (-hx, hy)])
+
+
+def _star(points, inner):
+    r = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
+    return _ngon(2 * points) * r[:, None]
+
+
+_t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+_heart = np.stack([16 * np.sin(_t) ** 3, 13 * np.cos(_t) - 5 * np.cos(2 * _t) - 2 * np.cos(3 * _t) - np.cos(4 * _t)],
+                  1)  # (48, 2), the classic parametric heart
+SHAPES = {
+    "circle": [(_ngon(48), 255)],
+    "square": [(_ngon(4, phase=np.pi / 4), 255)],
+    "triangle": [(_ngon(3), 255)],
+    "star": [(_star(5, 0.42), 255)],
+    "cross": [(_rect(.96, .29), 255), (_rect(.29, .96), 255)],
+    "ring": [(_ngon(48), 255), (_ngon(48, r=0.55), 0)],
+    "heart": [(_poly(_heart), 255)],
+    "crescent": [(_ngon(48), 255), (_ngon(48, r=0.8, dx=0.45), 0)],
+    "arrow": [(_poly(-1, -.25, .1, -.25, .1, -.7, 1, 0, .1, .7, .1, .25, -1, .25), 255)],
+    "L_shape": [(_poly(0, 0, .5, 0, .5, .75, .95, .75, .95, 1.25, 0, 1.25), 255)],
+}
+SHAPES2 = {  # the held-out variant: other shapes, other background (see _background)
+    "pentagon": [(_ngon(5), 255)],
+    "diamond": [(_ngon(4, aspect=0.5), 255)],
+    "ellipse": [(_ngon(48, aspect=0.5), 255)],
+    "tee": [(_poly(-1, -1, 1, -1, 1, -.55, .22, -.55, .22, 1, -.22, 1, -.22, -.55, -1, -.55), 255)],
+    "chevron": [(_poly(-1, -.5, 0, .3, 1, -.5, 1, .05, 0, .85, -1, .05), 255)],
+    "trapezoid": [(_poly(-1, .5, 1, .5, .4, -.5, -.4, -.5), 255)],
+    "semicircle": [(_poly(_ngon(48)[:25]), 255)],
+    "bowtie": [(_poly(-1, -.75, 0, -.12, 1, -.75, 1, .75, 0, .12, -1, .75), 255)],
+    "u_shape": [(_poly(-.8, -.9, -.4, -.9, -.4, .4, .4, .4, .4, -.9, .8, -.9, .8, .8, -.8, .8), 255)],
+    "frame": [(_ngon(4, phase=np.pi / 4), 255), (_ngon(4, r=0.6, phase=np.pi / 4), 0)],
+}
+VARIANTS = {"shapes": (SHAPES, "gradient"), "shapes2": (SHAPES2, "blotches")}
+
+
+# --- drawing one image -----------------------------------------------------------------------------------------
+def _smooth_noise(rng, cells, S, channels):
+    """Value noise: a (cells+1)^2 grid of N(0,1) values, smoothly interpolated to (S, S, channels)."""
+    g = rng.normal(size=(cells + 1, cells + 1, channels))
+    u = np.linspace(0, cells, S, endpoint=False)
+    i, f = u.astype(int), u % 1
+    f = (f * f * (3 - 2 * f))[:, None, None]  # smoothstep: no visible grid lines
+    rows = g[i] * (1 - f) + g[i + 1] * f  # (S, cells+1, C)
+    return rows[:, i] * (1 - f[None, :, :, 0]) + rows[:, i + 1] * f[None, :, :, 0]  # (S, S, C)
+
+
+def _far_colour(rng, fg, min_dist=100):
+    """A random colour at least `min_dist` (RGB L2) from the object's, so the object stays salient."""
+    for _ in range(50):
+        c = rng.uniform(0, 255, 3)
+        if np.linalg.norm(c - fg) >= min_dist:
+            return c
+    return 255 - fg
+
+
+def _background(rng, style, fg, size):
+    """A 2x-size RGB PIL background with clutter. The clutter (lines, blobs, arcs) is never a class object:
+    it makes "find the big object" a real task, so attention that finds it has learnt something."""
+    yy, xx = np.mgrid[0:size, 0:size] / size  # smooth fields are computed at 1x and upsampled: 4x cheaper
+    c0, c1 = _far_colour(rng, fg), _far_colour(rng, fg)
+    if style == "gradient":  # linear colour gradient in a random direction + low-frequency colour noise
+        a = rng.uniform(0, 2 * np.pi)
+        t = np.clip((xx - .5) * np.cos(a) + (yy - .5) * np.sin(a) + .5, 0, 1)[..., None]
+        bg = c0 + (c1 - c0) * t + 30 * _smooth_noise(rng, 4, size, 3)  # (size, size, 3)
+    else:  # "blotches": camouflage-like mix of two colours + faint stripes
+        t = np.clip(0.5 + 0.6 * _smooth_noise(rng, 6, size, 1), 0, 1)
+        a, freq = rng.uniform(0, np.pi), rng.uniform(4, 10)
+        bg = c0 + (c1 - c0) * t + 25 * np.sin(2 * np.pi * freq * (xx * np.cos(a) + yy * np.sin(a)))[..., None]
+    S = 2 * size
+    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8)).resize((S, S), Image.BILINEAR)
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.integers(3, 9)):
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        x0, y0, length, angle = *rng.uniform(0, S, 2), rng.uniform(S / 6, S / 2), rng.uniform(0, 2 * np.pi)
+        x1, y1 = x0 + length * np.cos(angle), y0 + length * np.sin(angle)  # strokes of 1/6 to 1/2 of the side
+        w, r = int(rng.integers(2, 6)), rng.uniform(S / 40, S / 13)  # stroke width, blob radius (1.5-5 px at 64)
+        kind = rng.integers(3)
+        if style == "gradient" and kind < 2:
+            draw.line([(x0, y0), (x1, y1)], fill=colour, width=w)
+        elif style == "gradient":
+            draw.ellipse([x0 - r, y0 - r, x0 + r * rng.uniform(.5, 1.5), y0 + r], fill=colour)
+        elif kind == 0:  # a zigzag
+            zig = np.stack([np.linspace(x0, x1, 5), np.linspace(y0, y1, 5) + S / 16 * (-1) ** np.arange(5)], 1)
+            draw.line([tuple(p) for p in zig], fill=colour, width=w)
+        elif kind == 1:
+            draw.arc([x0 - 3 * r, y0 - 3 * r, x0 + 3 * r, y0 + 3 * r], *rng.uniform(0, 360, 2), fill=colour, width=w)
+        else:
+            draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=colour)
+    return img
+
+
+def render_image(rng, label, variant="shapes", size=64, plain=False):
+    """Draw one image of class `label`: returns uint8 (size, size, 3) and its bool (size, size) mask.
+    `plain=True` draws the same object in white on black, without clutter or noise (used by the tests)."""
+    shapes, style = VARIANTS[variant]
+    S = 2 * size  # draw at 2x and average 2x2 pixels: cheap antialiasing
+    r = rng.uniform(0.175, 0.375) * S  # radius: the object spans 35-75% of the image side
+    cx, cy = rng.uniform(r, S - r, 2)  # anywhere it fits entirely
+    a = rng.uniform(0, 2 * np.pi)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    alpha = Image.new("L", (S, S), 0)
+    draw = ImageDraw.Draw(alpha)
+    for poly, fill in list(shapes.values())[label]:
+        draw.polygon([tuple(p) for p in poly @ rot.T * r + (cx, cy)], fill=fill)
+    # The colour is drawn independently of the class, so no pixel statistic tells the class: only the shape does.
+    fg = rng.uniform(0, 255, 3)
+    if plain:
+        img = alpha.convert("RGB")
+    else:
+        yy, xx = np.mgrid[0:S:2, 0:S:2] + 1.0  # 1x pixel centres, in 2x pixel units
+        b = rng.uniform(0, 2 * np.pi)  # soft shading across the object, so it is not one flat colour
+        shade = 35 * ((xx - cx) * np.cos(b) + (yy - cy) * np.sin(b)) / r  # (size, size)
+        obj = Image.fromarray(np.clip(fg + shade[..., None], 0, 255).astype(np.uint8)).resize((S, S), Image.BILINEAR)
+        img = Image.composite(obj, _background(rng, style, fg, size), alpha)
+    mask = np.asarray(alpha.reduce(2)) >= 128  # (size, size): at least half of the pixel is object
+    img = np.asarray(img.reduce(2), np.float32)  # (size, size, 3)
+    if not plain:
+        img = img + rng.normal(0, 6, img.shape)  # sensor-like pixel noise
+    return np.clip(np.round(img), 0, 255).astype(np.uint8), mask
+
+
+def generate(n, seed=0, split="train", variant="shapes", size=64):
+    """n images (balanced classes: label = i % n_classes) -> uint8 (n,H,W,3), bool (n,H,W) masks, int64 labels.
+    Image i is drawn from its own generator seeded by (seed, split, i): it does not depend on n, and train and val
+    come from disjoint seeds, so no val image is ever a copy of a training image."""
+    n_classes = len(VARIANTS[variant][0])
+    images, masks = np.empty((n, size, size, 3), np.uint8), np.empty((n, size, size), bool)
+    labels = np.arange(n) % n_classes
+    for i in range(n):
+        rng = np.random.default_rng([seed, SPLITS.index(split), i])
+        images[i], masks[i] = render_image(rng, labels[i], variant, size)
+    return images, masks, labels
+
+
+def cache_path(split, n, seed=0, variant="shapes", size=64):
+    root = os.environ.get("DINO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dino_shapes")
+    return os.path.join(root, f"{variant}-v{GENERATOR_VERSION}-{split}-n{n}-seed{seed}-{size}px.npz")
+
+
+def load_shapes(split, n, seed=0, variant="shapes", size=64):
+    """`generate`, cached in an .npz keyed by generator version and parameters."""
+    path = cache_path(split, n, seed, variant, size)
+    try:
+        with np.load(path) as z:
+            images, masks, labels = z["images"], z["masks"], z["labels"]
+        if images.shape == (n, size, size, 3) and masks.shape == (n, size, size) and labels.shape == (n,):
+            return images, masks, labels
+    except Exception:  # missing, partial or corrupt: regenerate
+        pass
+    images, masks, labels = generate(n, seed, split, variant, size)
+    tmp = None
+    try:  # write a temporary file, then rename: a reader never sees half a cache, even with 8 ranks racing
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, images=images, masks=masks, labels=labels)
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"could not cache the shapes dataset at {path}: {e}")
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+    return images, masks, labels
+
+
+class ShapesDataset(Dataset):
+    """The embedded dataset; `n` defaults to 5000 train / 1000 val images (balanced classes)."""
+
+    def __init__(self, split="train", n=None, seed=0, variant="shapes", size=64, transform=None):
+        if split not in SPLITS or variant not in VARIANTS:
+            raise DataError(f"unknown split '{split}' or variant '{variant}' (known: {SPLITS}, {tuple(VARIANTS)})")
+        n = n or {"train": 5000, "val": 1000}[split]
+        self.images, self.masks, labels = load_shapes(split, n, seed, variant, size)
+        self.classes, self.targets, self.transform = list(VARIANTS[variant][0]), labels.tolist(), transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def image(self, i):
+        return Image.fromarray(self.images[i])
+
+    def mask(self, i):
+        return self.masks[i].copy()
+
+    def __getitem__(self, i):
+        img = self.image(i)
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+def make_folder_dataset(root, n_train, n_val, seed=0, size=64, variant="shapes"):
+    """Write root/train/<class>/xxxxx.png, root/val/<class>/xxxxx.png and root/masks/val/<class>/xxxxx.png."""
+    classes = list(VARIANTS[variant][0])
+    for split, n in (("train", n_train), ("val", n_val)):
+        images, masks, labels = generate(n, seed, split, variant, size)
+        for i, (img, mask, label) in enumerate(zip(images, masks, labels)):
+            name = os.path.join(classes[label], f"{i:05d}.png")
+            files = [(os.path.join(root, split, name), img)]
+            if split == "val":  # masks mirror the image paths under val/
+                files.append((os.path.join(root, "masks", "val", name), mask.astype(np.uint8) * 255))
+            for path, arr in files:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                Image.fromarray(arr).save(path)
+    return root
+
+
+# --- real image folders ----------------------------------------------------------------------------------------
+def to_rgb(im):
+    """Any PIL mode -> RGB: 16-bit scaled to 8-bit, transparency composited on white, CMYK/palette converted."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float32)
+        if im.mode.startswith("I;16") or a.max() > 255:
+            a = a / 257  # 16-bit range -> 8-bit range
+        im = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+    return im.convert("RGB")
+
+
+def load_rgb(path):
+    with Image.open(path) as im:
+        im.load()  # decode now, inside the caller's try: a truncated file must fail here
+        return to_rgb(im)
+
+
+def _is_image(name):
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+class ImageFolderDataset(Dataset):
+    """root/<class>/**/<image>, classes sorted by name (like torchvision's ImageFolder). Files are only listed here,
+    never opened (ImageNet has 1.28M of them); a file that fails to load is skipped later, in __getitem__."""
+
+    def __init__(self, root, transform=None, masks_root=None):
+        if not os.path.isdir(root):
+            raise DataError(f"data folder not found: {root}")
+        self.root, self.transform, self.masks_root = root, transform, masks_root
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        self.samples = []  # (path, label)
+        for label, c in enumerate(self.classes):
+            for dirpath, dirnames, files in os.walk(os.path.join(root, c), followlinks=True):
+                dirnames.sort()
+                self.samples += [(os.path.join(dirpath, f), label) for f in sorted(files) if _is_image(f)]
+        if not self.samples:
+            loose = sum(_is_image(f) for f in os.listdir(root))
+            hint = f"{loose} images lie directly in it: move them to a class sub-folder" if loose else \
+                "expected class sub-folders with .jpg/.png files"
+            raise DataError(f"no images found in {root} ({hint})")
+        self.targets = [label for _, label in self.samples]
+        self.skipped = set()  # indices found unreadable (per process: each DataLoader worker has its own)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def image(self, i):
+        return load_rgb(self.samples[i][0])
+
+    def mask(self, i):
+        """The mask at masks_root/<path of image i relative to root, any image extension>; nonzero = foreground."""
+        if self.masks_root is None:
+            return None
+        stem = os.path.splitext(os.path.relpath(self.samples[i][0], self.root))[0]
+        for ext in IMG_EXTENSIONS + tuple(e.upper() for e in IMG_EXTENSIONS):
+            if os.path.exists(path := os.path.join(self.masks_root, stem + ext)):
+                with Image.open(path) as m:
+                    a = np.asarray(m.convert("RGB") if m.mode in ("P", "CMYK") else m)
+                if a.ndim == 3:  # RGB(A): any colour channel; LA: the L channel
+                    a = a[..., :3 if a.shape[-1] >= 3 else 1].max(-1)
+                return a > 0
+        return None
+
+    def __getitem__(self, i):
+        # A bad file must not kill a run hours in: warn, count it, and return the next readable image instead
+        # (deterministic, so every epoch substitutes the same one).
+        for j in range(i, i + MAX_CONSECUTIVE_FAILURES + 1):
+            j %= len(self.samples)
+            if j in self.skipped:
+                continue
+            try:
+                img = self.image(j)
+            except Exception as e:
+                self.skipped.add(j)
+                warnings.warn(f"skipped {len(self.skipped)} unreadable images so far: {self.samples[j][0]}: {e}",
+                              UnreadableImageWarning)
+                continue
+            return (self.transform(img) if self.transform else img), self.samples[j][1]
+        raise DataError(f"over {MAX_CONSECUTIVE_FAILURES} consecutive unreadable images, from {self.samples[i][0]}")
+
+
+def build_dataset(data, split, transform=None, masks_root=None):
+    """`data` is an embedded dataset name ('shapes', 'shapes2') or a folder: for split 'train' ROOT/train if it
+    exists, else ROOT itself; for 'val' ROOT/val (or ../val when ROOT is itself a train/ folder).
+    `masks_root` mirrors the split folder (masks_root/<class>/<name>.png), or holds it (masks_root/<split>/...)."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split '{split}': use 'train' or 'val'")
+    if data in VARIANTS:
+        return ShapesDataset(split, variant=data, transform=transform)
+    root = os.path.normpath(os.path.expanduser(str(data)))
+    if not os.path.isdir(root):
+        if not os.path.exists(root) and os.sep not in str(data) and not str(data).startswith((".", "~")):
+            raise DataError(f"unknown data '{data}': use {' or '.join(VARIANTS)}, or the path of an image folder")
+        raise DataError(f"data folder not found: {root}")
+    if split == "train":
+        folder = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+    else:
+        folder = os.path.join(root, "val")
+        if not os.path.isdir(folder) and os.path.basename(root) == "train":  # --data /path/imagenet/train
+            folder = os.path.join(os.path.dirname(root), "val")
+        if not os.path.isdir(folder):
+            raise DataError(f"no val/ folder in {root} (evaluation expects {root}{os.sep}val{os.sep}<class>/<image>)")
+    if masks_root is not None and os.path.isdir(os.path.join(masks_root, split)):
+        masks_root = os.path.join(masks_root, split)
+    return ImageFolderDataset(folder, transform, masks_root)
+
+
+# --- pictures for the README -----------------------------------------------------------------------------------
+def _outline(img, mask, colour=(255, 0, 0)):
+    """Paint the mask's boundary pixels (in the mask, with a 4-neighbour outside it)."""
+    m = np.pad(mask, 1)
+    inner = m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    out = img.copy()
+    out[mask & ~inner] = colour
+    return out
+
+
+def _sheet(rows, gap=4, fill=255):
+    """Paste rows of HxWx3 uint8 tiles (any sizes) into one image, top-left aligned."""
+    h = [max(t.shape[0] for t in row) for row in rows]
+    w = max(sum(t.shape[1] + gap for t in row) for row in rows)
+    sheet = np.full((sum(h) + gap * len(rows), w, 3), fill, np.uint8)
+    y = 0
+    for row, rh in zip(rows, h):
+        x = 0
+        for t in row:
+            sheet[y:y + t.shape[0], x:x + t.shape[1]] = t
+            x += t.shape[1] + gap
+        y += rh + gap
+    return Image.fromarray(sheet)
+
+
+def save_samples(out, data="shapes", n=32, cols=4):
+    masks = os.path.join(str(data), "masks")  # the layout make_folder_dataset writes
+    ds = build_dataset(data, "val", masks_root=masks if os.path.isdir(masks) else None)
+    # shapes interleave the classes (label = i % 10); a folder is sorted by class, so spread the picks over it
+    spread = np.unique(np.linspace(0, len(ds) - 1, n).astype(int))
+    idx = range(min(n, len(ds))) if isinstance(ds, ShapesDataset) else spread
+    small = max(ds.image(0).size) <= 128  # the embedded data: draw crops at 64/32 px and zoom 2x to see the pixels
+    up = (lambda a: a.repeat(2, 0).repeat(2, 1)) if small else (lambda a: a)  # noqa: E731
+    tiles = []
+    for i in idx:  # each tile: image | image with the mask outlined, class name underneath
+        img = np.asarray(ds.image(i))
+        m = ds.mask(i)
+        pair = np.concatenate([img, _outline(img, m) if m is not None and m.shape == img.shape[:2] else img], 1)
+        tile = Image.fromarray(np.pad(up(pair), ((0, 14), (0, 0), (0, 0)), constant_values=255))
+        ImageDraw.Draw(tile).text((2, tile.height - 13), ds.classes[ds.targets[i]], fill=(0, 0, 0))
+        tiles.append(np.asarray(tile))
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    _sheet([tiles[k:k + cols] for k in range(0, len(tiles), cols)]).save(out)
+    print(f"wrote {out}")
+    try:
+        from augment import MultiCropAugmentation  # written alongside; optional for this picture
+    except ImportError as e:
+        print(f"no multi-crop picture: {e}")
+        return
+    aug = MultiCropAugmentation(global_size=64, local_size=32) if small else MultiCropAugmentation()
+    rows = []
+    for i in list(idx)[:4]:  # original, then the 2 global and N local crops (Sec. 3.1, multi-crop)
+        views = [np.asarray(v.permute(1, 2, 0).contiguous()) for v in aug(ds.image(i))]  # (H, W, 3) uint8
+        rows.append([up(np.asarray(ds.image(i)))] + [up(v) for v in views])
+    path = os.path.join(os.path.dirname(out), "multicrop.png")
+    _sheet(rows).save(path)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Preview the data, or write the procedural dataset as an image folder.")
+    p.add_argument("--out", default="docs/samples.png", help="the sample grid (multicrop.png is written beside it)")
+    p.add_argument("--data", default="shapes", help="'shapes', 'shapes2' or an image folder with val/")
+    p.add_argument("--n", type=int, default=32, help="number of samples in the grid")
+    p.add_argument("--make_folder", default=None, help="instead, write DIR/{train,val}/<class>/*.png + DIR/masks/val")
+    p.add_argument("--variant", default="shapes", choices=list(VARIANTS), help="which procedural dataset to write")
+    p.add_argument("--n_train", type=int, default=5000, help="with --make_folder: training images")
+    p.add_argument("--n_val", type=int, default=1000, help="with --make_folder: validation images")
+    p.add_argument("--seed", type=int, default=0, help="with --make_folder: use a seed the recipe was not tuned on")
+    args = p.parse_args(argv)
+    try:
+        if args.make_folder:
+            make_folder_dataset(args.make_folder, args.n_train, args.n_val, args.seed, variant=args.variant)
+            print(f"wrote {args.n_train} train / {args.n_val} val images of '{args.variant}' to {args.make_folder}")
+        else:
+            save_samples(args.out, args.data, args.n)
+    except DataError as e:  # a user mistake: one line, no traceback
+        p.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

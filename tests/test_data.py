@@ -1,0 +1,223 @@
+"""The data: the embedded shapes (deterministic, disjoint splits, masks on the object, balanced classes, a cache that
+heals) and image folders (odd image modes, bad files skipped with a warning, one-line errors for bad paths)."""
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """Every test gets its own cache: the tests never read or write ~/.cache/dino_shapes."""
+    monkeypatch.setenv("DINO_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def save(path, img):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path)
+    return path
+
+
+def rgb_image(seed=0, size=(20, 16)):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+# --- the embedded dataset --------------------------------------------------------------------------------------
+def test_same_seed_gives_same_pixels():
+    a, ma, la = data.generate(20, seed=3, split="train")
+    b, mb, lb = data.generate(20, seed=3, split="train")
+    assert np.array_equal(a, b) and np.array_equal(ma, mb) and np.array_equal(la, lb)
+    assert not np.array_equal(a, data.generate(20, seed=4, split="train")[0])
+
+
+def test_an_image_does_not_depend_on_the_dataset_size():
+    assert np.array_equal(data.generate(10, split="val")[0], data.generate(30, split="val")[0][:10])
+
+
+def test_train_and_val_share_no_image():
+    train, val = data.generate(100, split="train")[0], data.generate(100, split="val")[0]
+    assert not {im.tobytes() for im in train} & {im.tobytes() for im in val}
+    assert np.abs(train.astype(int) - val.astype(int)).mean() > 20  # not near-copies either
+
+
+@pytest.mark.parametrize("variant", list(data.VARIANTS))
+def test_classes_are_balanced(variant):
+    ds = data.ShapesDataset("train", n=50, variant=variant)
+    assert len(ds.classes) == 10 and len(ds) == len(ds.targets) == 50
+    assert np.bincount(ds.targets, minlength=10).tolist() == [5] * 10
+
+
+@pytest.mark.parametrize("variant", list(data.VARIANTS))
+def test_mask_is_exactly_the_drawn_object_on_a_plain_background(variant):
+    # plain=True draws the same object white on black: the mask must be the pixels at least half covered by it
+    for label in range(10):
+        img, mask = data.render_image(np.random.default_rng(label), label, variant, plain=True)
+        assert np.array_equal(mask, img[..., 0] >= 128)
+
+
+@pytest.mark.parametrize("variant", list(data.VARIANTS))
+def test_every_class_is_a_different_shape(variant):
+    masks = [data.render_image(np.random.default_rng(0), label, variant, plain=True)[1] for label in range(10)]
+    for i in range(10):  # same pose for all classes: any two silhouettes must clearly differ
+        for j in range(i):
+            iou = (masks[i] & masks[j]).sum() / (masks[i] | masks[j]).sum()
+            assert iou < 0.85, (i, j, iou)
+
+
+def test_masks_sit_on_a_large_salient_object():
+    ds = data.ShapesDataset("val", n=50)
+    for i in range(len(ds)):
+        img, mask = np.asarray(ds.image(i), np.float32), ds.mask(i)
+        assert mask.shape == (64, 64) and mask.dtype == bool
+        assert 0.02 < mask.mean() < 0.5  # the object spans 35-75% of the side
+        rows, cols = np.nonzero(mask)
+        assert max(np.ptp(rows), np.ptp(cols)) + 1 >= 0.3 * 64
+        # the object's colour differs from its surroundings (a one-pixel ring just outside the mask)
+        ring = np.zeros_like(mask)
+        ring[1:-1, 1:-1] = mask[:-2, 1:-1] | mask[2:, 1:-1] | mask[1:-1, :-2] | mask[1:-1, 2:]
+        ring &= ~mask
+        assert np.linalg.norm(img[mask].mean(0) - img[ring].mean(0)) > 20
+
+
+def test_dataset_items_are_pil_images_and_int_labels_and_transform_is_applied():
+    ds = data.ShapesDataset("val", n=20, transform=np.asarray)
+    x, y = ds[3]
+    assert x.shape == (64, 64, 3) and isinstance(y, int) and y == 3
+    assert ds.image(3).mode == "RGB"
+
+
+def test_second_load_reads_the_cache(monkeypatch):
+    first = data.ShapesDataset("train", n=20)
+    monkeypatch.setattr(data, "generate", lambda *a, **k: pytest.fail("regenerated despite a valid cache"))
+    assert np.array_equal(data.ShapesDataset("train", n=20).images, first.images)
+
+
+def test_corrupt_cache_is_regenerated(cache_dir):
+    first = data.ShapesDataset("val", n=20)
+    path = data.cache_path("val", 20)
+    assert os.path.exists(path)
+    with open(path, "r+b") as f:  # clobber the middle of the file
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\0garbage" * 100)
+    assert np.array_equal(data.ShapesDataset("val", n=20).images, first.images)
+    with open(path, "wb") as f:  # a partial (truncated) file
+        f.write(b"PK\x03\x04")
+    assert np.array_equal(data.ShapesDataset("val", n=20).images, first.images)
+    assert not [f for f in os.listdir(cache_dir) if f.endswith(".tmp")]
+
+
+# --- image folders ----------------------------------------------------------------------------------------------
+def test_folder_dataset_round_trips_images_labels_and_masks(tmp_path):
+    root = data.make_folder_dataset(str(tmp_path / "f"), n_train=20, n_val=10, seed=1, variant="shapes2")
+    train = data.build_dataset(root, "train")
+    val = data.build_dataset(root, "val", masks_root=os.path.join(root, "masks", "val"))
+    assert len(train) == 20 and len(val) == 10 and train.classes == val.classes == sorted(data.SHAPES2)
+    images, masks, labels = data.generate(10, seed=1, split="val", variant="shapes2")
+    for i in range(len(val)):
+        img, label = val[i]
+        j = int(os.path.basename(val.samples[i][0])[:-4])  # files are named by generation index
+        assert img.mode == "RGB" and val.classes[label] == list(data.SHAPES2)[labels[j]]
+        assert np.array_equal(np.asarray(img), images[j]) and np.array_equal(val.mask(i), masks[j])
+    assert train.mask(0) is None  # no masks_root, no mask
+    # a masks_root that holds val/ is understood too
+    assert np.array_equal(data.build_dataset(root, "val", masks_root=os.path.join(root, "masks")).mask(0), val.mask(0))
+
+
+def test_odd_image_modes_load_as_rgb(tmp_path):
+    root = tmp_path / "odd" / "train"
+    rgb = rgb_image()
+    save(str(root / "a" / "rgb.JPG"), rgb)  # upper-case extension
+    save(str(root / "a" / "gray.png"), rgb.convert("L"))
+    save(str(root / "a" / "rgba.png"), rgb.convert("RGBA"))
+    save(str(root / "a" / "palette.gif"), rgb.convert("P"))
+    save(str(root / "b" / "deep" / "cmyk.tiff"), rgb.convert("CMYK"))  # nested inside a class folder
+    save(str(root / "b" / "sixteen.png"), Image.fromarray(np.full((16, 20), 65535, np.uint16)))  # I;16, white
+    save(str(root / "b" / "bw.bmp"), rgb.convert("1"))
+    save(str(root / "b" / "tiny.webp"), rgb_image(size=(3, 2)))  # smaller than any crop: kept, not filtered
+    (root / "b" / "notes.txt").write_text("not an image")
+    ds = data.build_dataset(str(tmp_path / "odd"), "train")
+    assert ds.classes == ["a", "b"] and len(ds) == 8 and ds.targets == [0, 0, 0, 0, 1, 1, 1, 1]
+    for i in range(len(ds)):
+        img, label = ds[i]
+        assert img.mode == "RGB" and label == ds.targets[i]
+    sixteen = ds.samples.index((str(root / "b" / "sixteen.png"), 1))
+    assert np.asarray(ds[sixteen][0]).min() == 255  # 16-bit white is 8-bit white, not clipped garbage
+    assert ds.image(ds.samples.index((str(root / "b" / "tiny.webp"), 1))).size == (3, 2)
+
+
+def test_unreadable_and_truncated_files_are_skipped_with_a_warning(tmp_path):
+    root = tmp_path / "bad"
+    for k in range(4):
+        save(str(root / "a" / f"{k}.png"), rgb_image(k))
+    (root / "a" / "1_corrupt.jpg").write_bytes(b"this is not a jpeg")
+    whole = (root / "a" / "2.png").read_bytes()
+    (root / "a" / "2_truncated.png").write_bytes(whole[: len(whole) // 2])
+    ds = data.build_dataset(str(root), "train", transform=np.asarray)
+    assert len(ds) == 6  # listed, not opened, at construction
+    with pytest.warns(data.UnreadableImageWarning) as caught:
+        # training-style pass: every index yields a readable image, through a DataLoader
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=list)
+        items = [x for batch in loader for x in batch]
+    assert len(items) == 6 and all(x.shape == (16, 20, 3) for x, _ in items)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and "1_corrupt.jpg" in messages[0] and "2_truncated.png" in messages[1]
+    assert messages[1].startswith("skipped 2 unreadable images so far")
+    with warnings.catch_warnings():  # a second epoch does not re-open (or re-warn about) known bad files
+        warnings.simplefilter("error")
+        assert len([ds[i] for i in range(len(ds))]) == 6
+
+
+def test_a_folder_of_unreadable_files_raises_dataerror(tmp_path):
+    for k in range(data.MAX_CONSECUTIVE_FAILURES + 2):
+        (tmp_path / "junk" / "a").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "junk" / "a" / f"{k:03d}.png").write_bytes(b"junk")
+    ds = data.build_dataset(str(tmp_path / "junk"), "train")
+    with warnings.catch_warnings(), pytest.raises(data.DataError, match="consecutive unreadable"):
+        warnings.simplefilter("ignore")
+        ds[0]
+
+
+def test_train_split_falls_back_to_the_root_and_val_is_required(tmp_path):
+    save(str(tmp_path / "flat" / "cat" / "x.png"), rgb_image())
+    assert len(data.build_dataset(str(tmp_path / "flat"), "train")) == 1
+    with pytest.raises(data.DataError, match="no val/ folder"):
+        data.build_dataset(str(tmp_path / "flat"), "val")
+    # --data /path/imagenet/train: val is the sibling folder
+    save(str(tmp_path / "inet" / "train" / "cat" / "x.png"), rgb_image())
+    save(str(tmp_path / "inet" / "val" / "cat" / "y.png"), rgb_image())
+    assert data.build_dataset(str(tmp_path / "inet" / "train"), "val").samples[0][0].endswith("y.png")
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "data folder not found"),
+    ("empty", "no images found"),
+    ("loose", "directly in it"),
+    ("no_val", "no val/ folder"),
+    ("name", "unknown data 'imagenette'"),
+    ("split", "unknown split"),
+])
+def test_bad_data_raises_a_one_line_dataerror(tmp_path, case, expected):
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    save(str(tmp_path / "loose" / "x.jpg"), rgb_image())
+    save(str(tmp_path / "trainonly" / "train" / "cat" / "x.png"), rgb_image())
+    data_arg, split = {"missing": (str(tmp_path / "nope"), "train"), "empty": (str(tmp_path / "empty"), "train"),
+                       "loose": (str(tmp_path / "loose"), "train"), "no_val": (str(tmp_path / "trainonly"), "val"),
+                       "name": ("imagenette", "train"), "split": ("shapes", "test")}[case]
+    with pytest.raises(data.DataError) as e:
+        data.build_dataset(data_arg, split)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_cli_writes_the_sample_grid_and_a_folder(tmp_path):
+    data.main(["--make_folder", str(tmp_path / "folder"), "--n_train", "10", "--n_val", "10"])
+    assert len(data.build_dataset(str(tmp_path / "folder"), "val")) == 10
+    out = tmp_path / "docs" / "samples.png"
+    data.main(["--out", str(out), "--n", "4", "--data", str(tmp_path / "folder")])
+    assert Image.open(out).size[0] > 4 * 64
