@@ -54,7 +54,7 @@ HELP = {
     "out_dim": "K, the dimension of the DINO head output; large K (65536) helps on ImageNet.",
     "norm_last_layer": "Fix the norm of the last head layer to 1 (stabler; set False for better ViT-S results).",
     "momentum_teacher": "Base EMA momentum of the teacher, raised to 1 on a cosine. Raise it (0.9995) for small "
-                        "batches.",
+                        "batches; 0 makes the teacher a plain copy of the student (an ablation that collapses).",
     "warmup_teacher_temp": "Initial teacher temperature; lower it if the loss does not decrease at the start.",
     "teacher_temp": "Teacher temperature after warm-up. 0.04-0.07; above 0.07 is unstable.",
     "warmup_teacher_temp_epochs": "Epochs of linear teacher-temperature warm-up.",
@@ -276,6 +276,8 @@ def main(args):
                                   args.warmup_epochs)
     wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep)
     momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, niter_per_ep)
+    if args.momentum_teacher == 0:  # ablation (Table 6 "student copy"): the teacher is the student, every step
+        momentum_schedule[:] = 0.0
 
     # ============ resume ============
     start_it, history, resume_sums = 0, [], None

@@ -1,0 +1,47 @@
+"""The collapse study of the paper (Sec. 5.3 "Avoiding collapse", Fig. 7; Table 6 "student copy") at toy scale.
+
+Exercises: run `python -m pytest tests/test_collapse.py -v`, then
+- remove the centring in loss.py (or pass centering=False): the "in between" test fails, entropy goes to 0;
+- set the teacher temperature to the student's: entropy climbs to log K (uniform);
+- train with --momentum_teacher 0: the teacher is the student and the features stop carrying information.
+"""
+import json
+import math
+
+import pytest
+
+import data
+import train
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return data.make_folder_dataset(str(tmp_path_factory.mktemp("imgs")), n_train=32, n_val=10, size=32)
+
+
+def final_entropy(folder, out, *flags):
+    """Train a tiny ViT for 40 steps (8 epochs of 5 steps) and return the last epoch's teacher entropy / log K."""
+    train.main(train.get_args([
+        "--data", folder, "--arch", "vit_tiny", "--patch", "8", "--depth", "1", "--out_dim", "64",
+        "--global_size", "32", "--local_size", "16", "--local_crops_number", "2", "--batch_size", "6",
+        "--epochs", "8", "--warmup_epochs", "1", "--lr", "0.005", "--momentum_teacher", "0.9", *flags,
+        "--warmup_teacher_temp_epochs", "0", "--teacher_temp", "0.04", "--freeze_last_layer", "0",
+        "--num_workers", "0", "--knn_every", "0", "--output_dir", str(out)]))
+    logs = [json.loads(line) for line in open(out / "log.txt")]
+    return logs[-1]["teacher_entropy"] / math.log(64)
+
+
+def test_sharpening_alone_collapses_to_one_dimension(folder, tmp_path):
+    assert final_entropy(folder, tmp_path, "--no_centering") < 0.15
+
+
+def test_centering_alone_collapses_to_uniform(folder, tmp_path):
+    assert final_entropy(folder, tmp_path, "--no_sharpening") > 0.9
+
+
+def test_centering_and_sharpening_together_stay_in_between(folder, tmp_path):
+    assert 0.15 < final_entropy(folder, tmp_path) < 0.9
+
+
+def test_a_teacher_that_is_a_plain_copy_of_the_student_collapses(folder, tmp_path):
+    assert final_entropy(folder, tmp_path, "--momentum_teacher", "0") > 0.9
