@@ -1,7 +1,7 @@
 """The images DINO learns from: an embedded procedural dataset and real image folders.
 
 - `ShapesDataset` (`--data shapes`): 10 classes of shapes (circle, square, ..., L-shape), each drawn with a random
-  colour, size, rotation and position on a cluttered random background, 64x64 RGB, with a foreground mask per image.
+  colour, size, tilt and position on a cluttered random background, 64x64 RGB, with a foreground mask per image.
   Generated in seconds with numpy/PIL (no download ever) and cached under $DINO_CACHE or ~/.cache/dino_shapes.
   Labels serve evaluation only (k-NN, linear probe, Sec. 3.2); training never reads them.
   `--data shapes2` has 10 other classes on another background style: data the CPU recipe was never tuned on.
@@ -26,7 +26,8 @@ from torch.utils.data import Dataset
 
 SPLITS = ("train", "val")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-GENERATOR_VERSION = 3  # bump whenever the drawing code changes: it is part of the cache key
+MAX_TILT = np.deg2rad(25)  # how far an object may lean from upright
+GENERATOR_VERSION = 4  # bump whenever the drawing code changes: it is part of the cache key
 MAX_CONSECUTIVE_FAILURES = 50
 
 
@@ -152,7 +153,10 @@ def render_image(rng, label, variant="shapes", size=64, plain=False):
     S = 2 * size  # draw at 2x and average 2x2 pixels: cheap antialiasing
     r = rng.uniform(0.175, 0.375) * S  # radius: the object spans 35-75% of the image side
     cx, cy = rng.uniform(r, S - r, 2)  # anywhere it fits entirely
-    a = rng.uniform(0, 2 * np.pi)
+    # Objects stand roughly upright (±25°), as objects in photographs do: DINO's augmentations (crops, flips,
+    # colour) teach no rotation invariance, and with any rotation both views of an image share an orientation
+    # that several classes have in common, so neighbours would be found by orientation rather than by shape.
+    a = rng.uniform(-MAX_TILT, MAX_TILT)
     rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
     alpha = Image.new("L", (S, S), 0)
     draw = ImageDraw.Draw(alpha)
