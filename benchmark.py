@@ -1,0 +1,371 @@
+"""Throughput, FLOPs and MFU of one DINO training step, and the cost of the multi-crop augmentation (Table 8 style).
+
+    python benchmark.py                      # ViT-S/16, 8 images x (2x224 + 6x96 crops), K 65536: ours vs official
+    python benchmark.py --compile            # our step with torch.compile'd backbones
+    python benchmark.py --arch vit_tiny --depth 2 --out_dim 4096 --no_baseline --no_aug   # a quick look
+    python benchmark.py --profile 2          # where the time of our step goes (torch.profiler, top ops)
+
+Three sections, measured in the same run on the same machine:
+- our step, exactly train.py's (its `# --- DINO step ---` block, built from its functions): teacher forward, student
+  forward/backward, loss, clipping, fused AdamW, EMA. Median of --steps after --warmup. FLOPs counted once with
+  FlopCounterMode (teacher forward, student forward+backward, loss; attention as its matmuls, whatever kernel runs
+  it). MFU = achieved FLOP/s / the best FLOP/s of a square matmul in the precision used, measured here.
+- the official step as shipped (facebookresearch/dino main_dino.py, re-written here): fp32 on CPU (its autocast is
+  CUDA's; fp16 + GradScaler there), the attention matrix materialised, the loss as a double loop over crop pairs,
+  two host syncs per parameter in clipping, the default AdamW (a for-loop on CPU), EMA as a loop, loss.item().
+- the multi-crop augmentation (2x224 + 8x96 of a 500x375 image, one process, one thread: the cost per image per
+  loader worker): ours (augment.MultiCropAugmentation) and the official torchvision/PIL pipeline with ToTensor +
+  Normalize.
+The last line printed is one JSON object. Timings on a busy machine are not final: the load average is printed.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import time
+import types
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image, ImageFilter, ImageOps
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+import augment
+import train
+import vit
+from loss import DINOLoss
+
+aten = torch.ops.aten
+
+
+# ============ the official step's pieces (main_dino.py, utils.py, vision_transformer.py: same maths) ============
+def explicit_attention(self, x):
+    """Official Attention.forward: the (B, heads, N, N) attention matrix is materialised, then multiplied by v."""
+    B, N, C = x.shape
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, heads, N, C/heads)
+    attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (B, heads, N, N)
+    return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))  # (B, N, C)
+
+
+class OfficialDINOLoss(DINOLoss):
+    """Official DINOLoss.forward: one cross-entropy per (teacher view, student view) pair, in a Python double loop."""
+
+    def forward(self, student_output, teacher_output, epoch):
+        student_out = (student_output / self.student_temp).chunk(self.ncrops)
+        temp = self.teacher_temps[epoch]
+        teacher_out = F.softmax((teacher_output - self.center) / temp, dim=-1).detach().chunk(2)
+        total_loss, n_loss_terms = 0, 0
+        for iq, q in enumerate(teacher_out):
+            for v in range(len(student_out)):
+                if v == iq:
+                    continue  # a view is never its own target
+                total_loss += torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1).mean()
+                n_loss_terms += 1
+        total_loss /= n_loss_terms
+        self.update_center(teacher_output)
+        return total_loss
+
+
+def official_clip_gradients(model, clip):
+    """Official utils.clip_gradients: a norm, an .item() and an `if` on a tensor (two host syncs) per parameter."""
+    norms = []
+    for _, p in model.named_parameters():
+        if p.grad is not None:
+            param_norm = p.grad.data.norm(2)
+            norms.append(param_norm.item())
+            clip_coef = clip / (param_norm + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+    return norms
+
+
+def official_augmentation(global_size=224, local_size=96, local_crops_number=8):
+    """Official DataAugmentationDINO: torchvision transforms on PIL images, normalised float tensors out."""
+    def blur(p):  # utils.GaussianBlur: PIL's, radius U(0.1, 2), applied with probability p
+        return T.Lambda(lambda im: im.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+                        if random.random() <= p else im)
+    solarize = T.Lambda(lambda im: ImageOps.solarize(im) if random.random() < 0.2 else im)  # utils.Solarization
+    flip_and_color_jitter = T.Compose([
+        T.RandomHorizontalFlip(p=0.5),
+        T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2)])
+    normalize = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    crop = lambda size, scale: T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC)
+    global1 = T.Compose([crop(global_size, (0.4, 1.0)), flip_and_color_jitter, blur(1.0), normalize])
+    global2 = T.Compose([crop(global_size, (0.4, 1.0)), flip_and_color_jitter, blur(0.1), solarize, normalize])
+    local = T.Compose([crop(local_size, (0.05, 0.4)), flip_and_color_jitter, blur(0.5), normalize])
+    return lambda img: [global1(img), global2(img)] + [local(img) for _ in range(local_crops_number)]
+
+
+# ============ measuring ============
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, device, n, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def matmul_peak_gflops(dtype, device, n, reps=10):
+    """Best FLOP/s of an n x n @ n x n matmul in `dtype`: what a step in this precision can at most approach."""
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    return 2 * n ** 3 / min(time_calls(lambda: a @ b, device, reps, warmup=2)) / 1e9
+
+
+def with_peak_memory(fn, device):
+    """(fn(), peak memory in MB while it ran): CUDA's allocated bytes; on CPU the growth of the resident set."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return fn(), torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:  # Linux: reset the resident high-water mark (VmHWM) to the current size, read both from /proc
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        status = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) / 1024
+        before = status("VmRSS:")
+        return fn(), status("VmHWM:") - before
+    except OSError:  # elsewhere: growth of the lifetime maximum (kB on Linux)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return fn(), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+# model FLOPs of attention: 2 matmuls forward, 4 backward, whatever kernel runs it (recomputation not counted)
+_fwd = lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v)
+_bwd = lambda grad, q, k, v, *args, out_shape=None, **kw: 2 * sdpa_flop_count(q, k, v)
+SDPA_FLOPS = {aten._scaled_dot_product_flash_attention_for_cpu: _fwd,
+              **{op: _bwd for op in (aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                                     aten._scaled_dot_product_flash_attention_backward,
+                                     aten._scaled_dot_product_efficient_attention_backward,
+                                     aten._scaled_dot_product_cudnn_attention_backward)}}
+
+
+# ============ the two steps ============
+def make_step(targs, device, precision, official=False):
+    """Student, teacher, loss, optimizer and one training step on fixed random crops of targs' shapes.
+    Returns (step, count_flops, compile_backbones); step.student and step.teacher are the models."""
+    torch.manual_seed(0)
+    student = train.build_model(targs, targs.drop_path_rate).to(device)
+    teacher = train.build_model(targs, 0.0).to(device)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    B, epoch = targs.batch_size, targs.freeze_last_layer  # past the frozen epochs: every parameter is updated
+    dino_loss = (OfficialDINOLoss if official else DINOLoss)(
+        targs.out_dim, 2 + targs.local_crops_number, targs.warmup_teacher_temp, targs.teacher_temp,
+        targs.warmup_teacher_temp_epochs, targs.epochs).to(device)
+    if official:
+        for m in [*student.modules(), *teacher.modules()]:
+            if isinstance(m, vit.Attention):
+                m.forward = types.MethodType(explicit_attention, m)
+        optimizer = torch.optim.AdamW(train.param_groups(student))  # the default implementation, as shipped
+    else:
+        optimizer = torch.optim.AdamW(train.param_groups(student), lr=0.0, fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                              enabled=precision in ("bf16", "fp16"))
+    sizes = [targs.global_size] * 2 + [targs.local_size] * targs.local_crops_number
+    crops_u8 = [torch.randint(0, 256, (B, 3, s, s), dtype=torch.uint8) for s in sizes]  # what our loader yields
+    crops_f32 = [augment.normalize(c) for c in crops_u8]  # what the official loader yields (normalised in workers)
+    lr, wd, m = targs.lr * B / 256, targs.weight_decay, targs.momentum_teacher
+    teacher_params, student_params = list(teacher.parameters()), list(student.parameters())
+
+    def schedules():
+        for i, pg in enumerate(optimizer.param_groups):
+            pg["lr"] = lr
+            if i == 0:  # only the weight matrices are decayed
+                pg["weight_decay"] = wd
+
+    def step():  # train.py's step, line for line
+        schedules()
+        crops = [augment.normalize(c.to(device, non_blocking=True)) for c in crops_u8]  # uint8 -> float
+        with autocast:
+            teacher_output = teacher(crops[:2])  # (2·B, K): the teacher sees the global views only
+            student_output = student(crops)  # (ncrops·B, K)
+            loss = dino_loss(student_output, teacher_output, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if targs.clip_grad:
+            scaler.unscale_(optimizer)
+            train.clip_gradients(student, targs.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        train.update_teacher(teacher_params, student_params, m)
+        return loss.detach()
+
+    def official_step():  # main_dino.py train_one_epoch
+        schedules()
+        images = [im.to(device, non_blocking=True) for im in crops_f32]
+        with autocast:
+            teacher_output = teacher(images[:2])
+            student_output = student(images)
+            loss = dino_loss(student_output, teacher_output, epoch)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"loss is {loss.item()}")
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        if targs.clip_grad:
+            scaler.unscale_(optimizer)
+            official_clip_gradients(student, targs.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        with torch.no_grad():
+            for param_q, param_k in zip(student.parameters(), teacher.parameters()):
+                param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+        sync(device)
+        return loss.item()
+
+    run = official_step if official else step
+    run.student, run.teacher = student, teacher
+
+    def count_flops():
+        with FlopCounterMode(display=False, custom_mapping=SDPA_FLOPS) as counter:
+            run()
+        return counter.get_total_flops()
+
+    def compile_backbones():
+        for model in (student, teacher):
+            model.backbone.compile(dynamic=False)  # one static graph per crop resolution; state_dict keys unchanged
+    return run, count_flops, compile_backbones
+
+
+# ============ augmentation ============
+def test_image(w=500, h=375):
+    """A fixed photo-sized RGB image: smooth colour gradients and texture."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, 128 + 100 * np.sin(xx / 23.0) * np.cos(yy / 17.0)], -1)
+    noise = np.random.default_rng(0).normal(0, 25, base.shape)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def ms_per_image(fn, img, n, repeats=3):
+    """Milliseconds per image on one thread (a loader worker's view), best of `repeats` runs of n images."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return 1e3 * min(time_calls(lambda: [fn(img) for _ in range(n)], torch.device("cpu"), repeats, 1)) / n
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ============ main ============
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="vit_small", choices=list(vit.ARCHS))
+    p.add_argument("--patch", "--patch_size", dest="patch_size", default=16, type=int)
+    p.add_argument("--depth", default=12, type=int, help="Transformer blocks (fewer for a quick look).")
+    p.add_argument("--batch_size", default=8, type=int, help="Images per step (each gives all its crops).")
+    p.add_argument("--global_size", default=224, type=int)
+    p.add_argument("--local_size", default=96, type=int)
+    p.add_argument("--local_crops_number", default=6, type=int)
+    p.add_argument("--out_dim", default=65536, type=int, help="K, the DINO head's output dimension.")
+    p.add_argument("--steps", default=5, type=int, help="Timed steps of ours (the median is reported).")
+    p.add_argument("--warmup", default=2, type=int, help="Untimed steps first (allocator, kernels, compilation).")
+    p.add_argument("--baseline_steps", default=3, type=int, help="Timed steps of the official one.")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="Of our step; auto: bf16 where supported, as train.py.")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbones in our step.")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--matmul_size", default=None, type=int, help="Side of the peak matmul (2048 CPU, 8192 CUDA).")
+    p.add_argument("--no_baseline", action="store_true", help="Skip the official step.")
+    p.add_argument("--no_aug", action="store_true", help="Skip the augmentation section.")
+    p.add_argument("--aug_images", default=30, type=int, help="Images per augmentation timing.")
+    p.add_argument("--profile", default=0, type=int, help="Profile N steps of ours and print the top ops.")
+    return p.parse_args(argv)
+
+
+def main(a):
+    device = torch.device(a.device)
+    precision = train.resolve_precision(a.precision, device)
+    targs = train.get_args(["--preset", "paper", "--arch", a.arch, "--patch", str(a.patch_size), "--depth",
+                            str(a.depth), "--batch_size", str(a.batch_size), "--global_size", str(a.global_size),
+                            "--local_size", str(a.local_size), "--local_crops_number", str(a.local_crops_number),
+                            "--out_dim", str(a.out_dim)])
+    n = a.matmul_size or (8192 if device.type == "cuda" else 2048)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    load = lambda: " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"{a.arch}/{a.patch_size} depth {a.depth}, {a.batch_size} images x (2x{a.global_size} + "
+          f"{a.local_crops_number}x{a.local_size}), K {a.out_dim}, {device}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, load average {load()}")
+    peaks = {precision: matmul_peak_gflops(dtypes[precision], device, n)}
+
+    step, count_flops, compile_backbones = make_step(targs, device, precision)
+    gflop = count_flops() / 1e9  # eager, before any compilation
+    if a.compile:
+        compile_backbones()
+        t0 = time.perf_counter()
+        step(), step()  # tracing and code generation: one graph per resolution, teacher and student
+        print(f"compiled in {time.perf_counter() - t0:.0f} s (first two steps)")
+    times, mem = with_peak_memory(lambda: time_calls(step, device, a.steps, a.warmup), device)
+    res = {"step_s": statistics.median(times), "img_per_s": a.batch_size / statistics.median(times),
+           "gflop_per_step": gflop, "achieved_gflops": gflop / statistics.median(times),
+           "matmul_peak_gflops": peaks[precision], "peak_mem_mb": mem}
+    res["mfu"] = res["achieved_gflops"] / peaks[precision]
+    rows = [("ours" + (" compiled" if a.compile else ""), precision, res["step_s"], mem)]
+    if a.profile:
+        with torch.profiler.profile() as prof:
+            time_calls(step, device, a.profile, 0)
+        print(prof.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=25))
+    del step
+
+    if not a.no_baseline:
+        official_precision = "fp16" if device.type == "cuda" else "fp32"  # main_dino.py's torch.cuda.amp.autocast
+        if official_precision not in peaks:
+            peaks[official_precision] = matmul_peak_gflops(dtypes[official_precision], device, n)
+        official = make_step(targs, device, official_precision, official=True)[0]
+        btimes, bmem = with_peak_memory(lambda: time_calls(official, device, a.baseline_steps, 1), device)
+        del official
+        res.update(baseline_step_s=statistics.median(btimes), baseline_peak_mem_mb=bmem)
+        res["speedup"] = res["baseline_step_s"] / res["step_s"]
+        res["baseline_mfu"] = gflop / res["baseline_step_s"] / peaks[official_precision]
+        rows.append(("official", official_precision, res["baseline_step_s"], bmem))
+
+    print(f"\n{'step':14}{'precision':>10}{'step s':>8}{'img/s':>7}{'GFLOP':>7}{'GFLOP/s':>9}{'peak':>7}"
+          f"{'MFU':>6}{'mem MB':>8}")
+    for name, prec, s, mem in rows:
+        print(f"{name:14}{prec:>10}{s:>8.3f}{a.batch_size / s:>7.2f}{gflop:>7.0f}{gflop / s:>9.1f}{peaks[prec]:>7.0f}"
+              f"{gflop / s / peaks[prec]:>6.2f}{mem:>8.0f}")
+    print("peak: best GFLOP/s of a square matmul in that precision here; MFU = GFLOP/s / peak")
+    if "speedup" in res:
+        print(f"our step is {res['speedup']:.2f}x faster than the official one")
+
+    if not a.no_aug:
+        img, L = test_image(), 8  # the official default: 2 global + 8 local crops
+        ours = augment.MultiCropAugmentation(local_crops_number=L, global_size=a.global_size, local_size=a.local_size)
+        g = torch.Generator().manual_seed(0)
+        random.seed(0), torch.manual_seed(0)
+        res["aug_ms_per_img"] = ms_per_image(lambda im: ours(im, g), img, a.aug_images)
+        res["aug_official_ms_per_img"] = ms_per_image(official_augmentation(a.global_size, a.local_size, L), img,
+                                                      a.aug_images)
+        res["aug_speedup"] = res["aug_official_ms_per_img"] / res["aug_ms_per_img"]
+        print(f"\naugmentation: 2x{a.global_size} + {L}x{a.local_size} of a {img.width}x{img.height} image, "
+              f"1 process, 1 thread\n{'':14}{'ms/img':>8}{'img/s':>7}")
+        for name, ms in [("ours", res["aug_ms_per_img"]), ("official", res["aug_official_ms_per_img"])]:
+            print(f"{name:14}{ms:>8.2f}{1e3 / ms:>7.1f}")
+        print(f"our augmentation is {res['aug_speedup']:.2f}x faster than the official one")
+
+    print(f"load average at the end: {load()}")
+    res.update(arch=a.arch, patch=a.patch_size, depth=a.depth, batch_size=a.batch_size,
+               ncrops=2 + a.local_crops_number, out_dim=a.out_dim, precision=precision, compile=a.compile,
+               device=str(device), threads=torch.get_num_threads(), loadavg=round(os.getloadavg()[0], 2),
+               step_times=[round(t, 3) for t in times])
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
+    return res
+
+
+if __name__ == "__main__":
+    main(get_args())
