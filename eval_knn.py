@@ -244,6 +244,10 @@ def get_args_parser():
                    help="images per forward pass, per process (default: %(default)s)")
     p.add_argument("--num_workers", default=2, type=int, help="data loading processes per process; raise it for "
                    "image folders on a big machine, the official code uses 10 (default: %(default)s)")
+    p.add_argument("--random_init", action="store_true", help="baseline: an untrained network of the checkpoint's "
+                   "shape (seed 0) instead of its weights")
+    p.add_argument("--raw_pixels", action="store_true", help="baseline: the flattened pixels of the evaluation view "
+                   "as features (no network)")
     p.add_argument("--dump_features", default=None, help="save the features and labels in this folder")
     p.add_argument("--load_features", default=None, help="folder of features saved by --dump_features: skip the model")
     return p
@@ -260,13 +264,20 @@ def run(args):
         train_features, test_features, train_labels, test_labels = tensors
     else:
         model, saved = load_backbone(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key)
+        if args.random_init:  # same shape, fresh weights: what the features owe to training
+            torch.manual_seed(0)
+            shape = {k: saved[s] for k, s in (("depth", "depth"), ("img_size", "global_size")) if saved.get(s)}
+            model = vit.ARCHS[saved["arch"]](patch_size=saved["patch_size"], **shape)
+        if args.raw_pixels:  # (B, 3, H, W) normalised pixels -> (B, 3*H*W)
+            model = torch.nn.Flatten()
         model.to(device).eval()
         size, data = eval_image_size(args.image_size, saved), resolve_data(args.data, saved)
         transform = augment.eval_transform(size)
         train_dataset = data_lib.build_dataset(data, "train", transform)
         val_dataset = data_lib.build_dataset(data, "val", transform)
         if rank == 0:
-            print(f"{saved['arch']}/{saved['patch_size']}, {len(model.blocks)} blocks ({args.checkpoint_key}) on "
+            what = "raw pixels" if args.raw_pixels else "random init" if args.random_init else args.checkpoint_key
+            print(f"{saved['arch']}/{saved['patch_size']}, {saved.get('depth', 12)} blocks ({what}) on "
                   f"'{data}': {len(train_dataset)} train / {len(val_dataset)} val images at {size}px")
         train_features, train_labels = extract_features(model, train_dataset, device, args.batch_size,
                                                         args.num_workers)

@@ -40,12 +40,12 @@ PRESETS = {
                   warmup_epochs=10, min_lr=1e-6, drop_path_rate=0.1, global_crops_scale=(0.4, 1.0),
                   local_crops_number=10, local_crops_scale=(0.05, 0.4), global_size=224, local_size=96,
                   blur_radius=(0.1, 2.0), depth=12, knn_every=0, num_workers=10),
-    "cpu": dict(arch="vit_tiny", patch_size=8, out_dim=1024, norm_last_layer=True, momentum_teacher=0.99,
+    "cpu": dict(arch="vit_tiny", patch_size=8, out_dim=1024, norm_last_layer=True, momentum_teacher=0.95,
                 warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0, weight_decay=0.04,
-                weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=10, freeze_last_layer=1, lr=0.001,
+                weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=8, freeze_last_layer=1, lr=0.001,
                 warmup_epochs=1, min_lr=1e-5, drop_path_rate=0.0, global_crops_scale=(0.4, 1.0),
                 local_crops_number=4, local_crops_scale=(0.05, 0.4), global_size=64, local_size=32,
-                blur_radius=(0.1, 0.6), depth=6, knn_every=1, num_workers=2),
+                blur_radius=(0.1, 0.6), depth=6, knn_every=1, num_workers=0),
 }
 HELP = {
     "arch": "ViT size (vit_tiny, vit_small, vit_base).",
@@ -75,7 +75,7 @@ HELP = {
     "local_size": "Side of the local crops in pixels.",
     "blur_radius": "Gaussian blur radius range in pixels (scale it down for small crops).",
     "knn_every": "Online 20-NN accuracy on a held-back labelled split every N epochs (0: never).",
-    "num_workers": "Data loading processes per training process.",
+    "num_workers": "Data loading processes per training process (0 on 2 cores: workers would take the step's cores).",
 }
 # changing these on resume would silently change the schedules or the model
 SCHEDULE_KEYS = ["arch", "patch_size", "depth", "out_dim", "epochs", "batch_size", "world_size", "lr", "min_lr",
@@ -96,7 +96,7 @@ def get_args(argv=None):
         names = {"patch_size": ["--patch", "--patch_size"], "batch_size": ["--batch_size", "--batch_size_per_gpu"]}
         kw = dict(default=None, help=f"{HELP[k]} (cpu: {PRESETS['cpu'][k]}; paper: {v})")
         if isinstance(v, tuple):
-            kw.update(nargs=2, type=float)
+            kw.update(nargs=len(v), type=float)
         elif isinstance(v, bool):
             kw.update(type=lambda s: s.lower() in ("1", "true", "yes"))
         else:
@@ -116,7 +116,7 @@ def get_args(argv=None):
     p.add_argument("--seed", default=0, type=int, help="Random seed (weights, views, order).")
     p.add_argument("--log_every", default=10, type=int, help="Iterations between progress-bar updates.")
     args = p.parse_args(argv)
-    args.preset = args.preset or ("cpu" if args.data == "shapes" else "paper")
+    args.preset = args.preset or ("cpu" if args.data in data.VARIANTS else "paper")
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -132,6 +132,15 @@ def get_args(argv=None):
     if args.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--precision fp16 needs CUDA; use bf16 or fp32 on CPU")
     return args
+
+
+def presets_table():
+    """The two recipes as a Markdown table (README.md holds this exact text; a test checks they agree)."""
+    rows = ["| flag | `--preset cpu` | `--preset paper` | what it does |", "|---|---|---|---|"]
+    for k, v in PRESETS["paper"].items():
+        fmt = lambda x: " ".join(map(str, x)) if isinstance(x, tuple) else str(x)
+        rows.append(f"| `--{k}` | {fmt(PRESETS['cpu'][k])} | {fmt(v)} | {HELP[k]} |")
+    return "\n".join(rows)
 
 
 class MultiCropDataset(Dataset):

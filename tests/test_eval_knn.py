@@ -193,3 +193,19 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, case):
                        text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
+
+
+def test_baselines_random_init_and_raw_pixels_differ_from_the_trained_features(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "imgs")
+    torch.manual_seed(3)
+    save_ours(tmp_path / "checkpoint.pth", tiny_vit(), global_size=32, data=data)
+    argv = [str(tmp_path / "checkpoint.pth"), "--nb_knn", "1", "--num_workers", "0", "--dump_features"]
+    results = {}
+    for mode in ("trained", "random_init", "raw_pixels"):
+        flags = [] if mode == "trained" else [f"--{mode}"]
+        assert eval_knn.main(argv + [str(tmp_path / mode)] + flags) == 0
+        results[mode] = torch.load(tmp_path / mode / "trainfeat.pth")
+    assert results["raw_pixels"].shape[1] == 3 * 32 * 32  # the pixels themselves
+    assert results["random_init"].shape == results["trained"].shape
+    assert not torch.allclose(results["random_init"], results["trained"])  # other weights, same shape
+    assert "random init" in capsys.readouterr().out
