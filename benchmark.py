@@ -25,6 +25,7 @@ import os
 import random
 import resource
 import statistics
+import sys
 import time
 import types
 
@@ -265,7 +266,7 @@ def ms_per_image(fn, img, n, repeats=3):
 # ============ main ============
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="vit_small", choices=list(vit.ARCHS))
+    p.add_argument("--arch", default="vit_small", help=f"one of {', '.join(vit.ARCHS)} (checked by train.py)")
     p.add_argument("--patch", "--patch_size", dest="patch_size", default=16, type=int)
     p.add_argument("--depth", default=12, type=int, help="Transformer blocks (fewer for a quick look).")
     p.add_argument("--batch_size", default=8, type=int, help="Images per step (each gives all its crops).")
@@ -368,4 +369,8 @@ def main(a):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    try:
+        main(get_args())
+    except (train.UserError, vit.CheckpointError) as e:  # bad flags: one line, exit code 2, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -195,8 +195,9 @@ def load_checkpoint_file(path):
     except IsADirectoryError:
         raise CheckpointError(f"checkpoint path is a directory: {path}") from None
     except Exception as e:  # the unpickler raises many types (UnpicklingError, KeyError, EOFError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first[:160]})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        why = f" ({first[:160]})" if len(first) > 8 else ""  # the unpickler's KeyError(101) etc. say nothing useful
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint{why}") from None
 
 
 def backbone_state_dict(ckpt, checkpoint_key="teacher"):
