@@ -10,7 +10,8 @@ import pytest
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["train.py", "eval_knn.py", "eval_linear.py", "visualize_attention.py", "benchmark.py", "data.py"]
+SCRIPTS = ["train.py", "eval_knn.py", "eval_linear.py", "visualize_attention.py", "benchmark.py", "data.py",
+           "plot_log.py"]
 
 
 def read(name):
