@@ -297,17 +297,22 @@ def run(args):
     cleanup_distributed()
 
 
+def run_cli(run, args):
+    """Run a script; a user mistake (missing file, not a checkpoint, wrong arch, bad data folder) is one line + 2."""
+    try:
+        run(args)
+    except (OSError, ValueError) as e:  # DataError and CheckpointError are ValueErrors
+        print(one_line_error(e), file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.load_features:
         parser.error("a checkpoint is required (or --load_features DIR)")
-    try:
-        run(args)
-    except (OSError, ValueError) as e:  # missing file, not a checkpoint, wrong arch, bad data folder (DataError)
-        print(one_line_error(e), file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, args)
 
 
 if __name__ == "__main__":

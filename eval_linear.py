@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import augment
 import data as data_lib
-from eval_knn import (cleanup_distributed, eval_image_size, extract_features, load_backbone, one_line_error,
-                      resolve_data, setup_distributed)
+from eval_knn import (cleanup_distributed, eval_image_size, extract_features, load_backbone, resolve_data, run_cli,
+                      setup_distributed)
 
 
 def block_features(model, images, n_last_blocks=4, avgpool_patchtokens=False):
@@ -245,13 +245,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        run(args)
-    except (OSError, ValueError) as e:  # missing file, not a checkpoint, wrong arch, bad data folder (DataError)
-        print(one_line_error(e), file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
