@@ -144,7 +144,7 @@ def test_colour_jitter_operations_equal_torchvision(op, reference, factor):
 
 @pytest.mark.parametrize("sigma", [0.1, 0.7, 1.3, 2.0])
 def test_blur_is_pils_gaussian_blur_up_to_rounding(sigma):
-    img = benchmark.test_image().resize((40, 30), Image.BICUBIC)
+    img = benchmark.sample_image().resize((40, 30), Image.BICUBIC)
     ours = augment.gaussian_blur(as_float(img), sigma).round()
     pil = as_float(img.filter(ImageFilter.GaussianBlur(sigma)))
     # PIL rounds to 8 bits after each of its 6 passes, we round once at the end
@@ -152,7 +152,7 @@ def test_blur_is_pils_gaussian_blur_up_to_rounding(sigma):
 
 
 def test_fast_resize_is_pils_bicubic_up_to_rounding():
-    img = benchmark.test_image()
+    img = benchmark.sample_image()
     box, size = (37, 20, 337, 290), 96
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]  # channels-last, as in MultiCropAugmentation
     ours = torch.nn.functional.interpolate(x[..., box[1]:box[3], box[0]:box[2]].contiguous(
@@ -163,7 +163,7 @@ def test_fast_resize_is_pils_bicubic_up_to_rounding():
 
 def test_fast_multicrop_gives_full_range_uint8_views_of_the_right_shapes():
     aug = augment.MultiCropAugmentation(local_crops_number=4)
-    crops = aug(benchmark.test_image(), torch.Generator().manual_seed(0))
+    crops = aug(benchmark.sample_image(), torch.Generator().manual_seed(0))
     assert [tuple(c.shape) for c in crops] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 4
     assert all(c.dtype == torch.uint8 and c.is_contiguous() for c in crops)
     assert all(c.float().std() > 5 for c in crops)  # real images, not blank
