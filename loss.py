@@ -55,8 +55,8 @@ class DINOLoss(nn.Module):
         # H(P_t(x_i), P_s(x_v)) averaged over the batch, for every teacher view i and student view v
         ce = -torch.einsum("ibk,vbk->iv", pt, log_ps) / B  # (2, V)
         # Eq. 3: sum over pairs with x_v ≠ x_i (a view is never its own target), divided by the number of pairs
-        not_same = ~torch.eye(2, self.ncrops, dtype=torch.bool, device=ce.device)  # (2, V)
-        loss = ce[not_same].mean()
+        # (the pairs x_v = x_i are the diagonal ce[0, 0], ce[1, 1]; no boolean mask, which would sync with the GPU)
+        loss = (ce.sum() - ce.diagonal().sum()) / (2 * (self.ncrops - 1))
         with torch.no_grad():
             # h(P_t) = -Σ_k P_t log P_t; every teacher view enters ncrops-1 pairs, so its mean is averaged like
             # the loss, and the mean KL over pairs is mean H(P_t, P_s) - mean h(P_t)

@@ -213,8 +213,7 @@ def clip_gradients(model, clip):
 @torch.no_grad()
 def update_teacher(teacher_params, student_params, m):
     """Momentum teacher (Sec. 3.1): θ_t ← m θ_t + (1 − m) θ_s, all parameters at once with _foreach ops."""
-    torch._foreach_mul_(teacher_params, m)
-    torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
+    torch._foreach_lerp_(teacher_params, student_params, 1 - m)  # θ_t + (1 − m)(θ_s − θ_t), one pass
 
 
 def resolve_precision(precision, device):
