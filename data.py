@@ -404,7 +404,7 @@ def save_samples(out, data="shapes", n=32, cols=4):
     # shapes interleave the classes (label = i % 10); a folder is sorted by class, so spread the picks over it
     spread = np.unique(np.linspace(0, len(ds) - 1, n).astype(int))
     idx = range(min(n, len(ds))) if isinstance(ds, ShapesDataset) else spread
-    small = max(ds.image(0).size) <= 128  # the embedded data: draw crops at 64/32 px and zoom 2x to see the pixels
+    small = max(ds.image(0).size) <= 128  # the embedded data: draw the CPU recipe's crops and zoom 2x to see pixels
     up = (lambda a: a.repeat(2, 0).repeat(2, 1)) if small else (lambda a: a)  # noqa: E731
     tiles = []
     for i in idx:  # each tile: image | image with the mask outlined, class name underneath
@@ -417,12 +417,10 @@ def save_samples(out, data="shapes", n=32, cols=4):
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     _sheet([tiles[k:k + cols] for k in range(0, len(tiles), cols)]).save(out)
     print(f"wrote {out}")
-    try:
-        from augment import MultiCropAugmentation  # written alongside; optional for this picture
-    except ImportError as e:
-        print(f"no multi-crop picture: {e}")
-        return
-    aug = MultiCropAugmentation(global_size=64, local_size=32) if small else MultiCropAugmentation()
+    from augment import MultiCropAugmentation
+    from train import PRESETS  # imported here: train imports this module
+    keys = ("global_crops_scale", "local_crops_scale", "local_crops_number", "global_size", "local_size", "blur_radius")
+    aug = MultiCropAugmentation(**{k: PRESETS["cpu" if small else "paper"][k] for k in keys})
     rows = []
     for i in list(idx)[:4]:  # original, then the 2 global and N local crops (Sec. 3.1, multi-crop)
         views = [np.asarray(v.permute(1, 2, 0).contiguous()) for v in aug(ds.image(i))]  # (H, W, 3) uint8
