@@ -28,8 +28,8 @@ class WeightNormLinear(nn.Module):
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1))  # gain 1: unit-norm prototypes
 
     def forward(self, x):
-        # w_k = g_k · v_k / ||v_k||
-        weight = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))  # (K, bottleneck)
+        # w_k = g_k · v_k / ||v_k||  (torch's fused kernel, the one nn.utils.weight_norm calls: one pass over V)
+        weight = torch._weight_norm(self.weight_v, self.weight_g, 0)  # (K, bottleneck)
         return F.linear(x, weight)
 
 

@@ -41,10 +41,16 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, C/heads)
-        if return_attention:
-            # explicit softmax(q k^T / sqrt(d)) only when the maps themselves are wanted (Sec. 4.2.2, Fig. 3)
-            return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
-        x = F.scaled_dot_product_attention(q, k, v)  # fused kernel, same maths
+        # The fused kernel computes the same maths without materialising the (N, N) matrix; on CPU under bf16
+        # autocast its backward is 2-10x slower than the explicit product for short sequences (benchmark.py), so
+        # there the attention matrix is written out. It is also written out when the maps are wanted (Fig. 3).
+        if return_attention or (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # softmax(q k^T / sqrt(d)): (B, h, N, N)
+            if return_attention:
+                return attn
+            x = attn @ v  # (B, heads, N, C/heads)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)  # fused kernel, same maths
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj(x)
 

@@ -43,6 +43,22 @@ def test_our_attention_module_equals_the_official_one():
                                rtol=1e-4, atol=1e-5)
 
 
+def test_attention_under_cpu_bf16_autocast_takes_the_explicit_path_and_matches_fp32(monkeypatch):
+    # on CPU under bf16 autocast the (N, N) matrix is written out (faster there); the result must still be the
+    # fp32 attention up to bf16 rounding, gradients included
+    torch.manual_seed(0)
+    attn = vit.Attention(48, num_heads=3)
+    x = torch.randn(4, 17, 48, requires_grad=True)
+    reference = benchmark.explicit_attention(attn, x)
+    monkeypatch.setattr(vit.F, "scaled_dot_product_attention", None)  # calling the fused kernel would fail
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = attn(x)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), reference, rtol=0.05, atol=0.02)
+    g_ours, g_ref = (torch.autograd.grad(y.float().square().sum(), x)[0] for y in (ours, reference))
+    torch.testing.assert_close(g_ours, g_ref, rtol=0.05, atol=0.05)
+
+
 def test_official_double_loop_loss_equals_ours_and_updates_the_same_center():
     torch.manual_seed(0)
     ncrops, B, K = 5, 3, 32
