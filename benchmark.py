@@ -51,11 +51,6 @@ def explicit_attention(self, x):
     return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))  # (B, N, C)
 
 
-def official_weight_norm_linear(self, x):
-    """Official head's last layer, nn.utils.weight_norm(nn.Linear(...)): torch's fused weight-norm kernel."""
-    return F.linear(x, torch._weight_norm(self.weight_v, self.weight_g, 0))
-
-
 class OfficialDINOLoss(DINOLoss):
     """Official DINOLoss.forward: one cross-entropy per (teacher view, student view) pair, in a Python double loop."""
 
@@ -176,8 +171,6 @@ def make_step(targs, device, precision, official=False):
         for module in [*student.modules(), *teacher.modules()]:
             if isinstance(module, vit.Attention):
                 module.forward = types.MethodType(explicit_attention, module)
-        for model in (student, teacher):
-            model.head.last_layer.forward = types.MethodType(official_weight_norm_linear, model.head.last_layer)
         optimizer = torch.optim.AdamW(train.param_groups(student))  # the default implementation, as shipped
     else:
         optimizer = torch.optim.AdamW(train.param_groups(student), lr=0.0, fused=device.type in ("cuda", "cpu"))

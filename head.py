@@ -7,8 +7,9 @@ layer to K output dimensions ("prototypes"). With `norm_last_layer=True` the wei
 every output is a cosine similarity between the bottleneck feature and one of K unit vectors; the paper found this
 stabilises training (App. Table 14). The backbone and this head together are "the network g" of Eq. 1.
 
-Weight normalisation is written out here (two parameters, `weight_g` and `weight_v`) rather than through
-torch's weight-norm utilities, whose API changed across versions: the parameter names are those of the official
+Weight normalisation keeps its own two parameters, `weight_g` and `weight_v` (computed with torch's fused kernel,
+the one nn.utils.weight_norm calls), rather than going through torch's weight-norm utilities, whose API changed
+across versions: the parameter names are those of the official
 checkpoints (`last_layer.weight_g`, `last_layer.weight_v`), which therefore load as they are.
 """
 import math

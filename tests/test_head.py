@@ -16,6 +16,17 @@ def test_with_norm_last_layer_each_output_is_a_cosine_to_a_unit_prototype():
     assert out.shape == (8, 100) and out.abs().max() <= 1 + 1e-6
 
 
+def test_a_free_gain_scales_each_prototype_row_by_its_own_g():
+    # w_k = g_k · v_k / ||v_k||: the norm is taken per output row, whatever kernel computes it
+    torch.manual_seed(0)
+    head = DINOHead(32, 10, norm_last_layer=False, hidden_dim=64, bottleneck_dim=16)
+    with torch.no_grad():
+        head.last_layer.weight_g.uniform_(0.5, 3.0)
+    z = F.normalize(torch.randn(4, 16), dim=-1)
+    w = head.last_layer.weight_g * F.normalize(head.last_layer.weight_v, dim=-1)  # (10, 16)
+    torch.testing.assert_close(head.last_layer(z), z @ w.T)
+
+
 def test_norm_last_layer_freezes_the_gain_and_only_that():
     frozen = DINOHead(32, 10, norm_last_layer=True)
     free = DINOHead(32, 10, norm_last_layer=False)
