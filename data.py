@@ -246,6 +246,15 @@ class ShapesDataset(Dataset):
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
+def class_balanced_indices(targets, n):
+    """n sorted indices into `targets` that keep every class's share, whatever the order of the samples.
+
+    Indices are grouped by label, then taken at evenly spaced positions. (Evenly spaced positions over the raw index
+    would not do: the embedded data interleaves its labels, i % 10, so a stride of 2 or 5 keeps 5 or 2 classes.)"""
+    by_class = np.argsort(np.asarray(targets), kind="stable")  # class 0's indices, then class 1's, ...
+    return sorted(by_class[np.linspace(0, len(targets) - 1, n).round().astype(int)].tolist())
+
+
 def make_folder_dataset(root, n_train, n_val, seed=0, size=64, variant="shapes"):
     """Write root/train/<class>/xxxxx.png, root/val/<class>/xxxxx.png and root/masks/val/<class>/xxxxx.png."""
     classes = list(VARIANTS[variant][0])

@@ -125,14 +125,11 @@ def num_classes_of(dataset, labels):
 def monitor_datasets(data, image_size, max_train=10000, max_val=2000):
     """Labelled (train, val) datasets with the evaluation transform, for the online monitor of train.py.
 
-    The embedded data is used whole (5000 / 1000 images); a big folder is subsampled at evenly spaced indices
-    (samples are sorted by class, so every class keeps its share) to keep the monitor to seconds."""
+    Each split is capped (a class-balanced subset) to keep the monitor to seconds."""
     sets = []
     for split, cap in (("train", max_train), ("val", max_val)):
         ds = data_lib.build_dataset(data, split, augment.eval_transform(image_size))
-        if len(ds) > cap:
-            ds = Subset(ds, torch.linspace(0, len(ds) - 1, cap).long().tolist())
-        sets.append(ds)
+        sets.append(ds if len(ds) <= cap else Subset(ds, data_lib.class_balanced_indices(ds.targets, cap)))
     return tuple(sets)
 
 

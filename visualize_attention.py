@@ -99,8 +99,8 @@ def evaluate_jaccard(model, dataset, size, threshold=0.6, max_images=None):
     Images without a mask, or with an empty one (no foreground), are skipped. Returns (best, union, n, skipped)."""
     device, P = next(model.parameters()).device, model.patch_size
     indices = range(len(dataset))
-    if max_images and max_images < len(dataset):  # evenly spaced: a folder is sorted by class, keep every class
-        indices = np.linspace(0, len(dataset) - 1, max_images).round().astype(int).tolist()
+    if max_images and max_images < len(dataset):  # every class keeps its share
+        indices = data_lib.class_balanced_indices(dataset.targets, max_images)
     best, union, skipped = [], [], 0
     for i in tqdm(indices, desc="jaccard", leave=False, file=sys.stderr):
         gt = dataset.mask(i)

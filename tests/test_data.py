@@ -221,3 +221,15 @@ def test_cli_writes_the_sample_grid_and_a_folder(tmp_path):
     out = tmp_path / "docs" / "samples.png"
     data.main(["--out", str(out), "--n", "4", "--data", str(tmp_path / "folder")])
     assert Image.open(out).size[0] > 4 * 64
+
+
+@pytest.mark.parametrize("labels", [[i % 10 for i in range(5000)],  # the embedded data: interleaved labels
+                                    sorted(i % 7 for i in range(9000))])  # an image folder: sorted by class
+@pytest.mark.parametrize("n", [200, 2500])
+def test_class_balanced_indices_keep_every_class_share(labels, n):
+    # what the online k-NN monitor and the Jaccard subsample use; a plain stride once kept only even classes
+    indices = data.class_balanced_indices(labels, n)
+    assert len(set(indices)) == len(indices) == n and indices == sorted(indices)
+    shares = np.bincount(np.asarray(labels)[indices]) / n
+    expected = np.bincount(labels) / len(labels)
+    np.testing.assert_allclose(shares, expected, atol=2 / n)
