@@ -250,7 +250,8 @@ def class_balanced_indices(targets, n):
     """n sorted indices into `targets` that keep every class's share, whatever the order of the samples.
 
     Indices are grouped by label, then taken at evenly spaced positions. (Evenly spaced positions over the raw index
-    would not do: the embedded data interleaves its labels, i % 10, so a stride of 2 or 5 keeps 5 or 2 classes.)"""
+    would not do: the embedded data interleaves its labels, i % 10, so truncated indices with a stride of about 2
+    all land on even indices, i.e. on 5 of the 10 classes.)"""
     by_class = np.argsort(np.asarray(targets), kind="stable")  # class 0's indices, then class 1's, ...
     return sorted(by_class[np.linspace(0, len(targets) - 1, n).round().astype(int)].tolist())
 
