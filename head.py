@@ -9,8 +9,8 @@ stabilises training (App. Table 14). The backbone and this head together are "th
 
 Weight normalisation keeps its own two parameters, `weight_g` and `weight_v` (computed with torch's fused kernel,
 the one nn.utils.weight_norm calls), rather than going through torch's weight-norm utilities, whose API changed
-across versions: the parameter names are those of the official
-checkpoints (`last_layer.weight_g`, `last_layer.weight_v`), which therefore load as they are.
+across versions: the parameter names are those of the official checkpoints (`last_layer.weight_g`,
+`last_layer.weight_v`), which therefore load as they are.
 """
 import math
 
