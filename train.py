@@ -35,17 +35,17 @@ from loss import DINOLoss
 # Every value can be overridden by its flag; the help of each flag prints both presets.
 PRESETS = {
     "paper": dict(arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=True, momentum_teacher=0.996,
-                  warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30, weight_decay=0.04,
-                  weight_decay_end=0.4, clip_grad=3.0, batch_size=64, epochs=100, freeze_last_layer=1, lr=0.0005,
-                  warmup_epochs=10, min_lr=1e-6, drop_path_rate=0.1, global_crops_scale=(0.4, 1.0),
-                  local_crops_number=10, local_crops_scale=(0.05, 0.4), global_size=224, local_size=96,
-                  blur_radius=(0.1, 2.0), depth=12, knn_every=0, num_workers=10),
-    "cpu": dict(arch="vit_tiny", patch_size=8, out_dim=1024, norm_last_layer=True, momentum_teacher=0.95,
-                warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0, weight_decay=0.04,
-                weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=8, freeze_last_layer=1, lr=0.001,
-                warmup_epochs=1, min_lr=1e-5, drop_path_rate=0.0, global_crops_scale=(0.4, 1.0),
-                local_crops_number=4, local_crops_scale=(0.05, 0.4), global_size=48, local_size=24,
-                blur_radius=(0.1, 0.45), depth=4, knn_every=1, num_workers=0),
+                  center_momentum=0.9, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
+                  weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0, batch_size=64, epochs=100,
+                  freeze_last_layer=1, lr=0.0005, warmup_epochs=10, min_lr=1e-6, drop_path_rate=0.1,
+                  global_crops_scale=(0.4, 1.0), local_crops_number=10, local_crops_scale=(0.05, 0.4),
+                  global_size=224, local_size=96, blur_radius=(0.1, 2.0), depth=12, knn_every=0, num_workers=10),
+    "cpu": dict(arch="vit_tiny", patch_size=8, out_dim=256, norm_last_layer=True, momentum_teacher=0.95,
+                center_momentum=0.0, warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=0,
+                weight_decay=0.04, weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=8,
+                freeze_last_layer=0, lr=0.002, warmup_epochs=1, min_lr=1e-5, drop_path_rate=0.0,
+                global_crops_scale=(0.4, 1.0), local_crops_number=4, local_crops_scale=(0.05, 0.4),
+                global_size=48, local_size=24, blur_radius=(0.1, 0.45), depth=4, knn_every=1, num_workers=0),
 }
 HELP = {
     "arch": "ViT size (vit_tiny, vit_small, vit_base).",
@@ -55,8 +55,11 @@ HELP = {
     "norm_last_layer": "Fix the norm of the last head layer to 1 (stabler; set False for better ViT-S results).",
     "momentum_teacher": "Base EMA momentum of the teacher, raised to 1 on a cosine. Raise it (0.9995) for small "
                         "batches; 0 makes the teacher a plain copy of the student (an ablation that collapses).",
+    "center_momentum": "EMA rate m of the centre c (Eq. 4); 0 centres on the previous batch's mean alone (small "
+                       "batches, short runs: README section 6).",
     "warmup_teacher_temp": "Initial teacher temperature; lower it if the loss does not decrease at the start.",
-    "teacher_temp": "Teacher temperature after warm-up. 0.04-0.07; above 0.07 is unstable.",
+    "teacher_temp": "Teacher temperature after warm-up. 0.04-0.07 in the paper (above 0.07 is unstable); the CPU "
+                    "preset's 0.02 oscillates between the two collapses unless --center_momentum is 0.",
     "warmup_teacher_temp_epochs": "Epochs of linear teacher-temperature warm-up.",
     "weight_decay": "Initial weight decay (cosine schedule to --weight_decay_end).",
     "weight_decay_end": "Final weight decay.",
@@ -79,9 +82,9 @@ HELP = {
 }
 # changing these on resume would silently change the schedules or the model
 SCHEDULE_KEYS = ["arch", "patch_size", "depth", "out_dim", "epochs", "batch_size", "world_size", "lr", "min_lr",
-                 "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher", "warmup_teacher_temp",
-                 "teacher_temp", "warmup_teacher_temp_epochs", "freeze_last_layer", "local_crops_number", "data",
-                 "global_size", "local_size", "seed", "no_centering", "no_sharpening"]
+                 "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher", "center_momentum",
+                 "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs", "freeze_last_layer",
+                 "local_crops_number", "data", "global_size", "local_size", "seed", "no_centering", "no_sharpening"]
 
 
 class UserError(Exception):
@@ -273,7 +276,8 @@ def main(args):
     torch.manual_seed(args.seed + rank)  # from here: drop-path draws, different on every rank
     ncrops = 2 + args.local_crops_number
     dino_loss = DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
-                         args.warmup_teacher_temp_epochs, args.epochs, centering=not args.no_centering,
+                         args.warmup_teacher_temp_epochs, args.epochs, center_momentum=args.center_momentum,
+                         centering=not args.no_centering,
                          sharpening=not args.no_sharpening).to(device)
     fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, **fused)
@@ -291,8 +295,8 @@ def main(args):
     start_it, history, resume_sums = 0, [], None
     if os.path.isfile(ckpt_path):
         ckpt = vit.load_checkpoint_file(ckpt_path)
-        changed = [f"--{k} was {ckpt['args'].get(k)}, now {vars(args)[k]}" for k in SCHEDULE_KEYS
-                   if ckpt["args"].get(k) != vars(args)[k] and not isinstance(ckpt["args"].get(k), (list, tuple))]
+        changed = [f"--{k} was {ckpt['args'][k]}, now {vars(args)[k]}" for k in SCHEDULE_KEYS if k in ckpt["args"]
+                   and ckpt["args"][k] != vars(args)[k] and not isinstance(ckpt["args"][k], (list, tuple))]
         if changed:
             raise UserError(f"cannot resume {ckpt_path}: {'; '.join(changed)} (this would break the schedules); "
                             f"use another --output_dir or the same flags")

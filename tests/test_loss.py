@@ -68,6 +68,14 @@ def test_the_centre_is_the_ema_of_raw_teacher_logits_and_starts_at_zero():
     torch.testing.assert_close(loss_fn.center, 0.1 * torch.tensor([[2.0, 2, 2, 2]]))
 
 
+def test_with_centre_momentum_0_the_centre_is_the_last_batch_mean():
+    K = 4
+    loss_fn = DINOLoss(K, 2, 0.04, 0.04, 0, 1, center_momentum=0.0)
+    for teacher in (torch.tensor([[1.0, 2, 3, 4], [3.0, 2, 1, 0]]), torch.tensor([[0.0, 0, 8, 0], [0.0, 4, 0, 0]])):
+        loss_fn(torch.zeros(2, K), teacher, 0)
+        torch.testing.assert_close(loss_fn.center, teacher.mean(0, keepdim=True))
+
+
 def test_teacher_temperature_warms_up_linearly_then_stays_constant():
     sched = teacher_temp_schedule(0.04, 0.07, 30, 100)
     assert len(sched) == 100 and sched[0] == 0.04 and sched[29] == pytest.approx(0.07) and sched[-1] == 0.07

@@ -126,6 +126,19 @@ def test_stopping_after_an_epoch_and_rerunning_equals_an_uninterrupted_run(folde
     assert_same_weights(teacher_of(tmp_path / "straight"), teacher_of(tmp_path / "resumed"))
 
 
+def test_center_momentum_flag_reaches_the_loss(folder, tmp_path, monkeypatch):
+    seen = []
+
+    class Recording(train.DINOLoss):
+        def __init__(self, *a, **kw):
+            seen.append(kw["center_momentum"])
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(train, "DINOLoss", Recording)
+    train.main(train.get_args(tiny_args(folder, tmp_path, "--center_momentum", "0.25", "--epochs", "1")))
+    assert seen == [0.25]
+
+
 def test_resuming_with_flags_that_change_the_schedules_is_refused(folder, tmp_path):
     train.main(train.get_args(tiny_args(folder, tmp_path, "--stop_after_epoch", "0")))
     with pytest.raises(train.UserError, match="--lr"):
