@@ -59,7 +59,7 @@ HELP = {
                        "batches, short runs: README section 6).",
     "warmup_teacher_temp": "Initial teacher temperature; lower it if the loss does not decrease at the start.",
     "teacher_temp": "Teacher temperature after warm-up. 0.04-0.07 in the paper (above 0.07 is unstable); the CPU "
-                    "preset's 0.02 oscillates between the two collapses unless --center_momentum is 0.",
+                    "preset's 0.02 swings between the two collapses with the paper's --center_momentum 0.9.",
     "warmup_teacher_temp_epochs": "Epochs of linear teacher-temperature warm-up.",
     "weight_decay": "Initial weight decay (cosine schedule to --weight_decay_end).",
     "weight_decay_end": "Final weight decay.",
