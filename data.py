@@ -155,8 +155,8 @@ def render_image(rng, label, variant="shapes", size=64, plain=False):
     shapes, style = VARIANTS[variant]
     plain = plain or style == "plain"
     S = 2 * size  # draw at 2x and average 2x2 pixels: cheap antialiasing
-    lo, hi = (0.25, 0.35) if style == "plain" else (0.175, 0.375)  # radius / side: the object spans 35-75% of the
-    r = rng.uniform(lo, hi) * S  # image side (50-70% for the silhouettes)
+    # radius as a fraction of the side: the object spans 35-75% of the image side (50-70% for the silhouettes)
+    r = rng.uniform(*((0.25, 0.35) if style == "plain" else (0.175, 0.375))) * S
     cx, cy = rng.uniform(r, S - r, 2)  # anywhere it fits entirely
     # Objects stand roughly upright (±25°), as objects in photographs do: DINO's augmentations (crops, flips,
     # colour) teach no rotation invariance, and with any rotation both views of an image share an orientation
