@@ -6,6 +6,8 @@
   Labels serve evaluation only (k-NN, linear probe, Sec. 3.2); training never reads them.
   `--data shapes2` has 10 other classes on another background style: data the CPU recipe was never tuned on.
   `--data silhouettes` draws the ten shapes of `shapes` in white on black (large, no clutter): an easy control.
+  `--data scatter` (and `scatter2`, with the shapes of `shapes2`) draws 4-8 small copies of the class shape at
+  random places and sizes, grey on grey: raw pixels find few neighbours of the right class there, DINO's crops do.
 - `ImageFolderDataset`: ImageNet-style ROOT/{train,val}/<class>/<image> folders, read lazily; an unreadable or
   truncated file is skipped with a warning instead of crashing a run hours in.
 - `build_dataset(data, split, transform=None, masks_root=None)`: what train.py and eval_*.py call.
@@ -90,7 +92,9 @@ SHAPES2 = {  # the held-out variant: other shapes, other background (see _backgr
 }
 # "silhouettes": the same ten shapes in white on black, large, no clutter, no noise: an easy control on which DINO
 # visibly learns in minutes (and on which raw pixels already do well; README section 6 has both numbers)
-VARIANTS = {"shapes": (SHAPES, "gradient"), "shapes2": (SHAPES2, "blotches"), "silhouettes": (SHAPES, "plain")}
+# "scatter" and "scatter2": 4-8 small copies of one shape per image (of SHAPES, and of SHAPES2), see _render_scatter
+VARIANTS = {"shapes": (SHAPES, "gradient"), "shapes2": (SHAPES2, "blotches"), "silhouettes": (SHAPES, "plain"),
+            "scatter": (SHAPES, "scatter"), "scatter2": (SHAPES2, "scatter")}
 
 
 # --- drawing one image -----------------------------------------------------------------------------------------
@@ -153,6 +157,8 @@ def render_image(rng, label, variant="shapes", size=64, plain=False):
     """Draw one image of class `label`: returns uint8 (size, size, 3) and its bool (size, size) mask.
     `plain=True` draws the same object in white on black, without clutter or noise (used by the tests)."""
     shapes, style = VARIANTS[variant]
+    if style == "scatter":
+        return _render_scatter(rng, shapes, label, size, plain)
     plain = plain or style == "plain"
     S = 2 * size  # draw at 2x and average 2x2 pixels: cheap antialiasing
     # radius as a fraction of the side: the object spans 35-75% of the image side (50-70% for the silhouettes)
@@ -179,6 +185,37 @@ def render_image(rng, label, variant="shapes", size=64, plain=False):
         img = Image.composite(obj, _background(rng, style, fg, size), alpha)
     mask = np.asarray(alpha.reduce(2)) >= 128  # (size, size): at least half of the pixel is object
     img = np.asarray(img.reduce(2), np.float32)  # (size, size, 3)
+    if not plain:
+        img = img + rng.normal(0, 6, img.shape)  # sensor-like pixel noise
+    return np.clip(np.round(img), 0, 255).astype(np.uint8), mask
+
+
+def _render_scatter(rng, shapes, label, size=64, plain=False):
+    """`--data scatter`: 4-8 small copies of the class shape (radius 7-13% of the side), each with its own position,
+    size and tilt, never overlapping, light grey on dark grey (levels drawn per image).
+
+    Where a copy lies is noise, and so is how big it is: two images of a class share no pixel pattern, so raw pixels
+    and an untrained network find few neighbours of the right class (README section 6). Every crop DINO takes still
+    holds a copy or more, so matching two views can only be done by the shape, which is what DINO has to learn."""
+    S = 2 * size  # draw at 2x and average 2x2 pixels: cheap antialiasing
+    alpha = Image.new("L", (S, S), 0)
+    draw = ImageDraw.Draw(alpha)
+    placed, n = [], rng.integers(4, 9)  # (centre, radius) of the copies drawn so far, how many are wanted
+    for _ in range(200):  # rejection sampling: a copy that would touch another one is not drawn
+        if len(placed) == n:
+            break
+        r = rng.uniform(0.07, 0.13) * S
+        c = rng.uniform(r, S - r, 2)
+        if any(np.hypot(*(c - c2)) < r + r2 + 2 for c2, r2 in placed):
+            continue
+        placed.append((c, r))
+        a = rng.uniform(-MAX_TILT, MAX_TILT)
+        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        for poly, fill in list(shapes.values())[label]:
+            draw.polygon([tuple(p) for p in poly @ rot.T * r + c], fill=fill)
+    mask = np.asarray(alpha.reduce(2)) >= 128  # (size, size): at least half of the pixel is object
+    fg, bg = (255.0, 0.0) if plain else (rng.uniform(170, 255), rng.uniform(0, 70))
+    img = bg + (fg - bg) * np.asarray(alpha.reduce(2), np.float32)[..., None].repeat(3, 2) / 255  # (size, size, 3)
     if not plain:
         img = img + rng.normal(0, 6, img.shape)  # sensor-like pixel noise
     return np.clip(np.round(img), 0, 255).astype(np.uint8), mask

@@ -6,9 +6,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
+import eval_knn
 
 
 @pytest.fixture(autouse=True)
@@ -233,3 +235,44 @@ def test_class_balanced_indices_keep_every_class_share(labels, n):
     shares = np.bincount(np.asarray(labels)[indices]) / n
     expected = np.bincount(labels) / len(labels)
     np.testing.assert_allclose(shares, expected, atol=2 / n)
+
+
+def _components(mask):
+    """Number of 4-connected foreground regions of a bool (H, W) mask."""
+    seen, count = np.zeros_like(mask), 0
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        count, stack = count + 1, [start]
+        while stack:
+            y, x = stack.pop()
+            if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1] and mask[y, x] and not seen[y, x]:
+                seen[y, x] = True
+                stack += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
+    return count
+
+
+@pytest.mark.parametrize("variant", ["scatter", "scatter2"])
+def test_scatter_draws_several_small_separate_copies(variant):
+    _, masks, labels = data.generate(50, split="val", variant=variant)
+    assert all(0.03 < m.mean() < 0.3 for m in masks)  # 4-8 copies, each spanning 14-26% of the side
+    if variant == "scatter":  # count the copies of the solid shapes (a star's tips may fall apart at 64 px)
+        solid = [m for m, y in zip(masks, labels) if list(data.SHAPES)[y] in ("circle", "square", "heart")]
+        counts = [_components(m) for m in solid]
+        assert all(2 <= c <= 8 for c in counts) and np.mean(counts) > 4, counts  # copies never touch; a few may not fit
+
+
+def _raw_pixel_knn(variant):
+    """20-NN top-1 (%) of 200 val images among 500 train images, cosine similarity of the raw pixels, each image
+    centred on its own mean (so that a brighter background does not count as a difference)."""
+    feats = []
+    for split, n in (("train", 500), ("val", 200)):
+        images, _, labels = data.generate(n, split=split, variant=variant)
+        x = torch.tensor(images, dtype=torch.float32).flatten(1)
+        feats += [F.normalize(x - x.mean(1, keepdim=True), dim=1), torch.tensor(labels)]
+    return eval_knn.knn_classifier(*feats, k=20, T=0.07, num_classes=10)[0]
+
+
+def test_scatter_is_not_solved_by_raw_pixels_but_silhouettes_are():
+    # the point of `--data scatter`: where the copies lie is noise, so pixels alone do not find the class
+    assert _raw_pixel_knn("scatter") < 35 < 60 < _raw_pixel_knn("silhouettes")
