@@ -168,11 +168,8 @@ def render_image(rng, label, variant="shapes", size=64, plain=False):
     # colour) teach no rotation invariance, and with any rotation both views of an image share an orientation
     # that several classes have in common, so neighbours would be found by orientation rather than by shape.
     a = rng.uniform(-MAX_TILT, MAX_TILT)
-    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
     alpha = Image.new("L", (S, S), 0)
-    draw = ImageDraw.Draw(alpha)
-    for poly, fill in list(shapes.values())[label]:
-        draw.polygon([tuple(p) for p in poly @ rot.T * r + (cx, cy)], fill=fill)
+    _draw_shape(ImageDraw.Draw(alpha), list(shapes.values())[label], r, (cx, cy), a)
     # The colour is drawn independently of the class, so no pixel statistic tells the class: only the shape does.
     fg = rng.uniform(0, 255, 3)
     if plain:
@@ -188,6 +185,13 @@ def render_image(rng, label, variant="shapes", size=64, plain=False):
     if not plain:
         img = img + rng.normal(0, 6, img.shape)  # sensor-like pixel noise
     return np.clip(np.round(img), 0, 255).astype(np.uint8), mask
+
+
+def _draw_shape(draw, polygons, r, centre, angle):
+    """Fill a shape's polygons (255 draws, 0 cuts a hole) scaled to radius r, turned by angle, at centre."""
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    for poly, fill in polygons:
+        draw.polygon([tuple(p) for p in poly @ rot.T * r + centre], fill=fill)
 
 
 def _render_scatter(rng, shapes, label, size=64, plain=False):
@@ -209,10 +213,7 @@ def _render_scatter(rng, shapes, label, size=64, plain=False):
         if any(np.hypot(*(c - c2)) < r + r2 + 2 for c2, r2 in placed):
             continue
         placed.append((c, r))
-        a = rng.uniform(-MAX_TILT, MAX_TILT)
-        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-        for poly, fill in list(shapes.values())[label]:
-            draw.polygon([tuple(p) for p in poly @ rot.T * r + c], fill=fill)
+        _draw_shape(draw, list(shapes.values())[label], r, c, rng.uniform(-MAX_TILT, MAX_TILT))
     mask = np.asarray(alpha.reduce(2)) >= 128  # (size, size): at least half of the pixel is object
     fg, bg = (255.0, 0.0) if plain else (rng.uniform(170, 255), rng.uniform(0, 70))
     img = bg + (fg - bg) * np.asarray(alpha.reduce(2), np.float32)[..., None].repeat(3, 2) / 255  # (size, size, 3)
