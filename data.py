@@ -199,8 +199,8 @@ def _render_scatter(rng, shapes, label, size=64, plain=False):
     size and tilt, never overlapping, light grey on dark grey (levels drawn per image).
 
     Where a copy lies is noise, and so is how big it is: two images of a class share no pixel pattern, so raw pixels
-    and an untrained network find few neighbours of the right class (README section 6). Every crop DINO takes still
-    holds a copy or more, so matching two views can only be done by the shape, which is what DINO has to learn."""
+    and an untrained network find few neighbours of the right class (README section 6). Nearly every crop DINO takes
+    holds a copy or more, so matching two views is done by the shape, which is what DINO has to learn."""
     S = 2 * size  # draw at 2x and average 2x2 pixels: cheap antialiasing
     alpha = Image.new("L", (S, S), 0)
     draw = ImageDraw.Draw(alpha)
@@ -214,9 +214,10 @@ def _render_scatter(rng, shapes, label, size=64, plain=False):
             continue
         placed.append((c, r))
         _draw_shape(draw, list(shapes.values())[label], r, c, rng.uniform(-MAX_TILT, MAX_TILT))
-    mask = np.asarray(alpha.reduce(2)) >= 128  # (size, size): at least half of the pixel is object
+    cover = np.asarray(alpha.reduce(2))  # (size, size): how much of each pixel the copies cover, 0-255
+    mask = cover >= 128  # at least half of the pixel is object
     fg, bg = (255.0, 0.0) if plain else (rng.uniform(170, 255), rng.uniform(0, 70))
-    img = bg + (fg - bg) * np.asarray(alpha.reduce(2), np.float32)[..., None].repeat(3, 2) / 255  # (size, size, 3)
+    img = bg + (fg - bg) * cover.astype(np.float32)[..., None].repeat(3, 2) / 255  # (size, size, 3)
     if not plain:
         img = img + rng.normal(0, 6, img.shape)  # sensor-like pixel noise
     return np.clip(np.round(img), 0, 255).astype(np.uint8), mask
