@@ -1,13 +1,13 @@
 """The images DINO learns from: an embedded procedural dataset and real image folders.
 
-- `ShapesDataset` (`--data shapes`): 10 classes of shapes (circle, square, ..., L-shape), each drawn with a random
-  colour, size, tilt and position on a cluttered random background, 64x64 RGB, with a foreground mask per image.
+- `ShapesDataset`: 10 classes of shapes (circle, square, ..., L-shape), 64x64 RGB, with a foreground mask per image.
   Generated in seconds with numpy/PIL (no download ever) and cached under $DINO_CACHE or ~/.cache/dino_shapes.
   Labels serve evaluation only (k-NN, linear probe, Sec. 3.2); training never reads them.
-  `--data shapes2` has 10 other classes on another background style: data the CPU recipe was never tuned on.
-  `--data silhouettes` draws the ten shapes of `shapes` in white on black (large, no clutter): an easy control.
-  `--data scatter` (and `scatter2`, with the shapes of `shapes2`) draws 4-8 small copies of the class shape at
-  random places and sizes, grey on grey: raw pixels find few neighbours of the right class there, DINO's crops do.
+  `--data scatter` (the default) draws 4-8 small copies of the class shape at random places and sizes, grey on
+  grey: raw pixels find few neighbours of the right class there, DINO's crops do. `scatter2` does the same with
+  10 other shapes. `--data shapes` draws one shape with a random colour, size, tilt and position on a cluttered
+  random background (`shapes2`: the other shapes on another background style); `--data silhouettes` draws the ten
+  shapes in white on black (large, no clutter): an easy control.
 - `ImageFolderDataset`: ImageNet-style ROOT/{train,val}/<class>/<image> folders, read lazily; an unreadable or
   truncated file is skipped with a warning instead of crashing a run hours in.
 - `build_dataset(data, split, transform=None, masks_root=None)`: what train.py and eval_*.py call.
@@ -15,7 +15,7 @@
 Every dataset yields `(transform(img), label)` with `img` an RGB PIL image, and has `classes`, `targets`,
 `image(i)` (the untransformed image) and `mask(i)` (bool (H, W) foreground, or None).
 
-    python data.py --out docs/samples.png [--data shapes] [--n 32]  # sample grid with masks (+ docs/multicrop.png)
+    python data.py --out docs/samples.png [--data scatter] [--n 32]  # sample grid with masks (+ multicrop, example)
     python data.py --make_folder DIR [--variant shapes2]            # write a procedural ImageNet-style folder
 """
 import argparse
@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 SPLITS = ("train", "val")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_TILT = np.deg2rad(25)  # how far an object may lean from upright
-GENERATOR_VERSION = 4  # bump whenever the drawing code changes: it is part of the cache key
+GENERATOR_VERSION = 5  # bump whenever the drawing code changes: it is part of the cache key
 MAX_CONSECUTIVE_FAILURES = 50
 
 
@@ -196,14 +196,16 @@ def _draw_shape(draw, polygons, r, centre, angle):
 
 def _render_scatter(rng, shapes, label, size=64, plain=False):
     """`--data scatter`: 4-8 small copies of the class shape (radius 7-13% of the side), each with its own position,
-    size and tilt, never overlapping, light grey on dark grey (levels drawn per image).
+    size, tilt and light grey, never overlapping, on a dark grey that is the same for every image.
 
     Where a copy lies is noise, and so is how big it is: two images of a class share no pixel pattern, so raw pixels
     and an untrained network find few neighbours of the right class (README section 6). Nearly every crop DINO takes
-    holds a copy or more, so matching two views is done by the shape, which is what DINO has to learn."""
+    holds a copy or more, and nothing else is common to the crops of one image (no level is drawn per image), so
+    matching two views is done by the shape, which is what DINO has to learn."""
     S = 2 * size  # draw at 2x and average 2x2 pixels: cheap antialiasing
     alpha = Image.new("L", (S, S), 0)
-    draw = ImageDraw.Draw(alpha)
+    grey = Image.new("L", (S, S), 0)  # the grey level of each copy
+    draw, paint = ImageDraw.Draw(alpha), ImageDraw.Draw(grey)
     placed, n = [], rng.integers(4, 9)  # (centre, radius) of the copies drawn so far, how many are wanted
     for _ in range(200):  # rejection sampling: a copy that would touch another one is not drawn
         if len(placed) == n:
@@ -213,11 +215,14 @@ def _render_scatter(rng, shapes, label, size=64, plain=False):
         if any(np.hypot(*(c - c2)) < r + r2 + 2 for c2, r2 in placed):
             continue
         placed.append((c, r))
-        _draw_shape(draw, list(shapes.values())[label], r, c, rng.uniform(-MAX_TILT, MAX_TILT))
-    cover = np.asarray(alpha.reduce(2))  # (size, size): how much of each pixel the copies cover, 0-255
-    mask = cover >= 128  # at least half of the pixel is object
-    fg, bg = (255.0, 0.0) if plain else (rng.uniform(170, 255), rng.uniform(0, 70))
-    img = bg + (fg - bg) * cover.astype(np.float32)[..., None].repeat(3, 2) / 255  # (size, size, 3)
+        polygons, angle, level = list(shapes.values())[label], rng.uniform(-MAX_TILT, MAX_TILT), rng.uniform(170, 255)
+        _draw_shape(draw, polygons, r, c, angle)
+        _draw_shape(paint, [(p, int(level) if f else 0) for p, f in polygons], r, c, angle)
+    cover = np.asarray(alpha.reduce(2), np.float32)[..., None] / 255  # (size, size, 1): how much copies cover
+    mask = cover[..., 0] >= 0.5  # at least half of the pixel is object
+    fg = 255.0 if plain else np.asarray(grey.reduce(2), np.float32)[..., None] / np.maximum(cover, 1e-6)
+    bg = 0.0 if plain else 35.0  # one level for every image: a level drawn per image is shared by all its crops
+    img = (bg + (fg - bg) * cover).repeat(3, 2)  # (size, size, 3)
     if not plain:
         img = img + rng.normal(0, 6, img.shape)  # sensor-like pixel noise
     return np.clip(np.round(img), 0, 255).astype(np.uint8), mask
@@ -452,7 +457,7 @@ def _sheet(rows, gap=4, fill=255):
     return Image.fromarray(sheet)
 
 
-def save_samples(out, data="shapes", n=32, cols=4):
+def save_samples(out, data="scatter", n=32, cols=4):
     masks = os.path.join(str(data), "masks")  # the layout make_folder_dataset writes
     ds = build_dataset(data, "val", masks_root=masks if os.path.isdir(masks) else None)
     # shapes interleave the classes (label = i % 10); a folder is sorted by class, so spread the picks over it
@@ -470,7 +475,9 @@ def save_samples(out, data="shapes", n=32, cols=4):
         tiles.append(np.asarray(tile))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     _sheet([tiles[k:k + cols] for k in range(0, len(tiles), cols)]).save(out)
-    print(f"wrote {out}")
+    example = os.path.join(os.path.dirname(out), "example.png")  # one val image, for visualize_attention.py
+    ds.image(list(idx)[min(3, len(idx) - 1)]).save(example)
+    print(f"wrote {out} and {example}")
     from augment import MultiCropAugmentation
     from train import PRESETS  # imported here: train imports this module
     keys = ("global_crops_scale", "local_crops_scale", "local_crops_number", "global_size", "local_size", "blur_radius")
@@ -486,8 +493,9 @@ def save_samples(out, data="shapes", n=32, cols=4):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Preview the data, or write the procedural dataset as an image folder.")
-    p.add_argument("--out", default="docs/samples.png", help="the sample grid (multicrop.png is written beside it)")
-    p.add_argument("--data", default="shapes", help="'shapes', 'shapes2' or an image folder with val/")
+    p.add_argument("--out", default="docs/samples.png", help="the sample grid (multicrop.png and example.png, one "
+                   "val image, are written beside it)")
+    p.add_argument("--data", default="scatter", help=f"one of {', '.join(VARIANTS)} or an image folder with val/")
     p.add_argument("--n", type=int, default=32, help="number of samples in the grid")
     p.add_argument("--make_folder", default=None, help="instead, write DIR/{train,val}/<class>/*.png + DIR/masks/val")
     p.add_argument("--variant", default="shapes", choices=list(VARIANTS), help="which procedural dataset to write")

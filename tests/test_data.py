@@ -223,6 +223,7 @@ def test_cli_writes_the_sample_grid_and_a_folder(tmp_path):
     out = tmp_path / "docs" / "samples.png"
     data.main(["--out", str(out), "--n", "4", "--data", str(tmp_path / "folder")])
     assert Image.open(out).size[0] > 4 * 64
+    assert (out.parent / "multicrop.png").exists() and Image.open(out.parent / "example.png").size == (64, 64)
 
 
 @pytest.mark.parametrize("labels", [[i % 10 for i in range(5000)],  # the embedded data: interleaved labels
@@ -237,19 +238,19 @@ def test_class_balanced_indices_keep_every_class_share(labels, n):
     np.testing.assert_allclose(shares, expected, atol=2 / n)
 
 
-def _components(mask):
-    """Number of 4-connected foreground regions of a bool (H, W) mask."""
-    seen, count = np.zeros_like(mask), 0
+def _regions(mask):
+    """Label map (H, W) of the 4-connected foreground regions of a bool mask (0: background, 1..n), and n."""
+    labels, count = np.zeros(mask.shape, int), 0
     for start in zip(*np.nonzero(mask)):
-        if seen[start]:
+        if labels[start]:
             continue
         count, stack = count + 1, [start]
         while stack:
             y, x = stack.pop()
-            if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1] and mask[y, x] and not seen[y, x]:
-                seen[y, x] = True
+            if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1] and mask[y, x] and not labels[y, x]:
+                labels[y, x] = count
                 stack += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
-    return count
+    return labels, count
 
 
 @pytest.mark.parametrize("variant", ["scatter", "scatter2"])
@@ -258,8 +259,25 @@ def test_scatter_draws_several_small_separate_copies(variant):
     assert all(0.03 < m.mean() < 0.3 for m in masks)  # 4-8 copies, each spanning 14-26% of the side
     if variant == "scatter":  # count the copies of the solid shapes (a star's tips may fall apart at 64 px)
         solid = [m for m, y in zip(masks, labels) if list(data.SHAPES)[y] in ("circle", "square", "heart")]
-        counts = [_components(m) for m in solid]
+        counts = [_regions(m)[1] for m in solid]
         assert all(2 <= c <= 8 for c in counts) and np.mean(counts) > 4, counts  # copies never touch; a few may not fit
+
+
+def test_scatter_images_share_nothing_but_the_shape():
+    # A level drawn once per image would be in every crop of it, so DINO could match two views by it instead of by
+    # the shape (the teacher of an earlier version told the background level of an image better than its class):
+    # the background is one level for all images, and each copy has its own grey.
+    images, masks, _ = data.generate(40, split="val", variant="scatter")
+    grey = images.astype(np.float32).mean(-1)  # (n, H, W)
+    background = [g[~m].mean() for g, m in zip(grey, masks)]
+    assert np.ptp(background) < 6, background  # pixel noise and antialiased edges only
+    spread = []  # per image: the range of the copies' grey levels
+    for g, m in zip(grey, masks):
+        inner = m & np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1)  # no edge pixels
+        regions, n = _regions(m)
+        levels = [g[inner & (regions == k)].mean() for k in range(1, n + 1) if (inner & (regions == k)).any()]
+        spread.append(np.ptp(levels))
+    assert np.median(spread) > 20, spread  # levels uniform in 170-255, one per copy
 
 
 def _raw_pixel_knn(variant):
