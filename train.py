@@ -105,9 +105,9 @@ def get_args(argv=None):
         else:
             kw.update(type=type(v))
         p.add_argument(*names.get(k, [f"--{k}"]), dest=k, **kw)
-    p.add_argument("--data", default="shapes", help="'shapes' (embedded, offline; also shapes2, silhouettes, "
-                   "scatter, scatter2) or an image folder of class "
-                   "sub-folders (labels are never used for training; ROOT/train is used if present).")
+    p.add_argument("--data", default="scatter", help="'scatter' (embedded, offline; also scatter2, shapes, shapes2, "
+                   "silhouettes) or an image folder of class sub-folders (labels are never used for training; "
+                   "ROOT/train is used if present).")
     p.add_argument("--output_dir", default="out", help="Checkpoints and log; re-running in it resumes.")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 autocast where the device supports it, else fp32. fp16 (GradScaler) is CUDA only.")
