@@ -3,8 +3,8 @@
 - `ShapesDataset`: 10 classes of shapes (circle, square, ..., L-shape), 64x64 RGB, with a foreground mask per image.
   Generated in seconds with numpy/PIL (no download ever) and cached under $DINO_CACHE or ~/.cache/dino_shapes.
   Labels serve evaluation only (k-NN, linear probe, Sec. 3.2); training never reads them.
-  `--data scatter` (the default) draws 4-8 small copies of the class shape at random places and sizes, grey on
-  grey: raw pixels find few neighbours of the right class there, DINO's crops do. `scatter2` does the same with
+  `--data scatter` (the default) draws 4-8 small copies of the class shape at random places, sizes and greys on
+  one dark background: raw pixels find few neighbours of the right class there, DINO's crops do. `scatter2` does the same with
   10 other shapes. `--data shapes` draws one shape with a random colour, size, tilt and position on a cluttered
   random background (`shapes2`: the other shapes on another background style); `--data silhouettes` draws the ten
   shapes in white on black (large, no clutter): an easy control.
@@ -16,7 +16,7 @@ Every dataset yields `(transform(img), label)` with `img` an RGB PIL image, and 
 `image(i)` (the untransformed image) and `mask(i)` (bool (H, W) foreground, or None).
 
     python data.py --out docs/samples.png [--data scatter] [--n 32]  # sample grid with masks (+ multicrop, example)
-    python data.py --make_folder DIR [--variant shapes2]            # write a procedural ImageNet-style folder
+    python data.py --make_folder DIR [--variant scatter2]           # write a procedural ImageNet-style folder
 """
 import argparse
 import os
@@ -498,7 +498,7 @@ def main(argv=None):
     p.add_argument("--data", default="scatter", help=f"one of {', '.join(VARIANTS)} or an image folder with val/")
     p.add_argument("--n", type=int, default=32, help="number of samples in the grid")
     p.add_argument("--make_folder", default=None, help="instead, write DIR/{train,val}/<class>/*.png + DIR/masks/val")
-    p.add_argument("--variant", default="shapes", choices=list(VARIANTS), help="which procedural dataset to write")
+    p.add_argument("--variant", default="scatter", choices=list(VARIANTS), help="which procedural dataset to write")
     p.add_argument("--n_train", type=int, default=5000, help="with --make_folder: training images")
     p.add_argument("--n_val", type=int, default=1000, help="with --make_folder: validation images")
     p.add_argument("--seed", type=int, default=0, help="with --make_folder: use a seed the recipe was not tuned on")
