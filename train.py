@@ -45,7 +45,7 @@ PRESETS = {
                 weight_decay=0.04, weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=8,
                 freeze_last_layer=0, lr=0.002, warmup_epochs=1, min_lr=1e-5, drop_path_rate=0.0,
                 global_crops_scale=(0.4, 1.0), local_crops_number=4, local_crops_scale=(0.05, 0.4),
-                global_size=48, local_size=24, blur_radius=(0.1, 0.45), depth=4, knn_every=1, num_workers=0),
+                global_size=64, local_size=32, blur_radius=(0.1, 0.45), depth=4, knn_every=1, num_workers=0),
 }
 HELP = {
     "arch": "ViT size (vit_tiny, vit_small, vit_base).",

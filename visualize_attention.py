@@ -13,7 +13,7 @@ over union). PASCAL VOC12 val, ViT-S/16: random weights 22.0, supervised 27.3, D
 
 Pictures: img.png (the input as the model saw it), attn-head{i}.png (heat map of head i), attn-overlay.png (every
 head in its own colour, as Fig. 3) and mask-head{i}.png (head i's 60%-mass mask over the image, as Fig. 4).
-The image's short side is resized to --image_size (default: the checkpoint's training crop size, 48 px for the CPU
+The image's short side is resized to --image_size (default: the checkpoint's training crop size, 64 px for the CPU
 recipe; 480 for a released backbone file, the paper's figures), then cropped (top-left, as the official code) to a
 multiple of the patch size; the position embeddings are interpolated to any grid. Maps are upsampled to pixels by
 repeating each patch's value (nearest, as the official code).
