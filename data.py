@@ -4,8 +4,8 @@
   Generated in seconds with numpy/PIL (no download ever) and cached under $DINO_CACHE or ~/.cache/dino_shapes.
   Labels serve evaluation only (k-NN, linear probe, Sec. 3.2); training never reads them.
   `--data scatter` (the default) draws 4-8 small copies of the class shape at random places, sizes and greys on
-  one dark background: raw pixels find few neighbours of the right class there, DINO's crops do. `scatter2` does the same with
-  10 other shapes. `--data shapes` draws one shape with a random colour, size, tilt and position on a cluttered
+  one dark background: raw pixels find few neighbours of the right class there, DINO's crops do. `scatter2` does
+  the same with 10 other shapes. `--data shapes` draws one shape with a random colour, size, tilt and position on a cluttered
   random background (`shapes2`: the other shapes on another background style); `--data silhouettes` draws the ten
   shapes in white on black (large, no clutter): an easy control.
 - `ImageFolderDataset`: ImageNet-style ROOT/{train,val}/<class>/<image> folders, read lazily; an unreadable or
@@ -95,6 +95,7 @@ SHAPES2 = {  # the held-out variant: other shapes, other background (see _backgr
 # "scatter" and "scatter2": 4-8 small copies of one shape per image (of SHAPES, and of SHAPES2), see _render_scatter
 VARIANTS = {"shapes": (SHAPES, "gradient"), "shapes2": (SHAPES2, "blotches"), "silhouettes": (SHAPES, "plain"),
             "scatter": (SHAPES, "scatter"), "scatter2": (SHAPES2, "scatter")}
+DEFAULT_DATA = "scatter"  # what train.py, data.py and the evaluations use when no --data is given (README section 6)
 
 
 # --- drawing one image -----------------------------------------------------------------------------------------
@@ -407,7 +408,7 @@ class ImageFolderDataset(Dataset):
 
 
 def build_dataset(data, split, transform=None, masks_root=None):
-    """`data` is an embedded dataset name ('shapes', 'shapes2') or a folder: for split 'train' ROOT/train if it
+    """`data` is an embedded dataset name (a key of VARIANTS) or a folder: for split 'train' ROOT/train if it
     exists, else ROOT itself; for 'val' ROOT/val (or ../val when ROOT is itself a train/ folder).
     `masks_root` mirrors the split folder (masks_root/<class>/<name>.png), or holds it (masks_root/<split>/...)."""
     if split not in SPLITS:
@@ -457,7 +458,7 @@ def _sheet(rows, gap=4, fill=255):
     return Image.fromarray(sheet)
 
 
-def save_samples(out, data="scatter", n=32, cols=4):
+def save_samples(out, data=DEFAULT_DATA, n=32, cols=4):
     masks = os.path.join(str(data), "masks")  # the layout make_folder_dataset writes
     ds = build_dataset(data, "val", masks_root=masks if os.path.isdir(masks) else None)
     # shapes interleave the classes (label = i % 10); a folder is sorted by class, so spread the picks over it
@@ -495,10 +496,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Preview the data, or write the procedural dataset as an image folder.")
     p.add_argument("--out", default="docs/samples.png", help="the sample grid (multicrop.png and example.png, one "
                    "val image, are written beside it)")
-    p.add_argument("--data", default="scatter", help=f"one of {', '.join(VARIANTS)} or an image folder with val/")
+    p.add_argument("--data", default=DEFAULT_DATA, help=f"one of {', '.join(VARIANTS)} or an image folder with val/")
     p.add_argument("--n", type=int, default=32, help="number of samples in the grid")
     p.add_argument("--make_folder", default=None, help="instead, write DIR/{train,val}/<class>/*.png + DIR/masks/val")
-    p.add_argument("--variant", default="scatter", choices=list(VARIANTS), help="which procedural dataset to write")
+    p.add_argument("--variant", default=DEFAULT_DATA, choices=list(VARIANTS), help="which procedural dataset to write")
     p.add_argument("--n_train", type=int, default=5000, help="with --make_folder: training images")
     p.add_argument("--n_val", type=int, default=1000, help="with --make_folder: validation images")
     p.add_argument("--seed", type=int, default=0, help="with --make_folder: use a seed the recipe was not tuned on")

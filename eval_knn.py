@@ -189,7 +189,7 @@ def load_backbone(path, arch=None, patch_size=None, checkpoint_key="teacher"):
 def resolve_data(data, saved):
     """--data, else the data the checkpoint was trained on, else the embedded dataset. (build_dataset also accepts
     the `/path/imagenet/train` a training run may have saved: it finds the sibling val/.)"""
-    return data or saved.get("data") or "shapes"
+    return data or saved.get("data") or data_lib.DEFAULT_DATA
 
 
 def eval_image_size(image_size, saved):

@@ -105,8 +105,8 @@ def get_args(argv=None):
         else:
             kw.update(type=type(v))
         p.add_argument(*names.get(k, [f"--{k}"]), dest=k, **kw)
-    p.add_argument("--data", default="scatter", help="'scatter' (embedded, offline; also scatter2, shapes, shapes2, "
-                   "silhouettes) or an image folder of class sub-folders (labels are never used for training; "
+    p.add_argument("--data", default=data.DEFAULT_DATA, help=f"'{data.DEFAULT_DATA}' (embedded, offline; also "
+                   f"{', '.join(v for v in data.VARIANTS if v != data.DEFAULT_DATA)}) or an image folder of class sub-folders (labels are never used for training; "
                    "ROOT/train is used if present).")
     p.add_argument("--output_dir", default="out", help="Checkpoints and log; re-running in it resumes.")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],

@@ -158,7 +158,8 @@ def test_loads_official_training_checkpoint_layout(tmp_path, two_blocks):
     torch.save(ckpt, tmp_path / "official.pth")
     for key, source in (("teacher", teacher), ("student", student)):
         model, saved = eval_knn.load_backbone(str(tmp_path / "official.pth"), checkpoint_key=key)
-        assert eval_knn.eval_image_size(None, saved) == 224 and eval_knn.resolve_data(None, saved) == "shapes"
+        assert eval_knn.eval_image_size(None, saved) == 224
+        assert eval_knn.resolve_data(None, saved) == eval_knn.data_lib.DEFAULT_DATA  # no data saved: the default
         torch.testing.assert_close(model.eval()(x), source(x))
 
 
