@@ -10,7 +10,14 @@ For an image x with global views {x1g, x2g} and all views V (globals + locals):
 Centring (subtracting c) stops one dimension from dominating but pushes P_t towards uniform; sharpening (τ_t < τ_s)
 does the opposite. Used together they avoid both collapses (Fig. 7). This module also reports the two collapse
 statistics of Fig. 7: the teacher entropy h(P_t) and KL(P_t ‖ P_s) = H(P_t, P_s) - h(P_t), averaged like the loss.
+
+`centering="sinkhorn"` replaces the centre by the Sinkhorn-Knopp normalisation of DINOv2 (Oquab et al. 2023,
+Sec. 4, from SwAV): P_t is rescaled, within the global batch, so that every prototype receives the same total mass.
+The centre is a slow average over past batches; Sinkhorn-Knopp balances the batch at hand, which is what a short
+run with small batches needs (README section 6).
 """
+import math
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -24,6 +31,32 @@ def teacher_temp_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp
     return np.concatenate((warmup, np.full(max(nepochs - warmup_teacher_temp_epochs, 0), teacher_temp)))
 
 
+def _all_reduce(t, op=None):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_output, teacher_temp, n_iterations=3):
+    """P_t for (B, K) teacher logits with, over the global batch, mass 1/K per prototype and 1/B per image.
+
+    Q = exp(g_t / τ_t), then alternately each prototype's column is scaled to total 1/K over the images and each
+    image's row to total 1/B (DINOv2's `sinkhorn_knopp_teacher`, 3 iterations), returned as B·Q: rows sum to 1.
+    Done on log Q, so that no temperature overflows or underflows exp (same numbers otherwise)."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    B, K = teacher_output.shape[0] * world, teacher_output.shape[1]
+    log_q = teacher_output.float() / teacher_temp  # (B_local, K)
+    for _ in range(n_iterations):
+        # each prototype: Σ_b Q_bk = 1/K, the sum running over the global batch (log-sum-exp across processes)
+        top = _all_reduce(log_q.max(dim=0, keepdim=True).values, dist.ReduceOp.MAX if world > 1 else None)
+        mass = _all_reduce(torch.exp(log_q - top).sum(dim=0, keepdim=True))  # (1, K)
+        log_q = log_q - top - mass.log() - math.log(K)
+        # each image: Σ_k Q_bk = 1/B
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(B)
+    return torch.exp(log_q + math.log(B))  # (B_local, K), each row a distribution over the K prototypes
+
+
 class DINOLoss(nn.Module):
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs,
                  student_temp=0.1, center_momentum=0.9, centering=True, sharpening=True):
@@ -31,7 +64,11 @@ class DINOLoss(nn.Module):
         self.ncrops = ncrops
         self.student_temp = student_temp
         self.center_momentum = center_momentum
-        self.centering = centering  # --no_centering: ablation of Fig. 7 (sharpening alone collapses to one-hot)
+        # "ema": the centre of Eq. 4; "sinkhorn": DINOv2's batch balancing; "none" (or False): --no_centering, the
+        # ablation of Fig. 7 (sharpening alone collapses to one-hot). True means "ema".
+        self.centering = {True: "ema", False: "none"}.get(centering, centering)
+        if self.centering not in ("ema", "sinkhorn", "none"):
+            raise ValueError(f"unknown centering {centering!r} (ema, sinkhorn or none)")
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.teacher_temps = teacher_temp_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
                                                    nepochs)
@@ -48,9 +85,11 @@ class DINOLoss(nn.Module):
         B = teacher_output.shape[0] // 2
         # log P_s = log_softmax(g_s / τ_s)
         log_ps = F.log_softmax(student_output / self.student_temp, dim=-1).view(self.ncrops, B, -1)  # (V, B, K)
-        # P_t = softmax((g_t - c) / τ_t)
-        center = self.center if self.centering else torch.zeros_like(self.center)
-        pt = F.softmax((teacher_output - center) / self.teacher_temp(epoch), dim=-1).detach()
+        if self.centering == "sinkhorn":  # P_t = Sinkhorn-Knopp(exp(g_t / τ_t)): balanced over the batch
+            pt = sinkhorn_knopp(teacher_output, self.teacher_temp(epoch))
+        else:  # P_t = softmax((g_t - c) / τ_t)
+            center = self.center if self.centering == "ema" else torch.zeros_like(self.center)
+            pt = F.softmax((teacher_output - center) / self.teacher_temp(epoch), dim=-1).detach()
         pt = pt.view(2, B, -1)  # (2, B, K)
         # H(P_t(x_i), P_s(x_v)) averaged over the batch, for every teacher view i and student view v
         ce = -torch.einsum("ibk,vbk->iv", pt, log_ps) / B  # (2, V)
@@ -62,7 +101,8 @@ class DINOLoss(nn.Module):
             # the loss, and the mean KL over pairs is mean H(P_t, P_s) - mean h(P_t)
             entropy = -torch.special.xlogy(pt, pt).sum(-1).mean()  # 0·log 0 = 0
             self.stats = {"teacher_entropy": entropy, "kl": loss.detach() - entropy}
-        self.update_center(teacher_output)
+        if self.centering == "ema":
+            self.update_center(teacher_output)
         return loss
 
     @torch.no_grad()
@@ -75,3 +115,19 @@ class DINOLoss(nn.Module):
             world = dist.get_world_size()
         batch_center = batch_center / (len(teacher_output) * world)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+def koleo_loss(features, eps=1e-8):
+    """DINOv2's KoLeo regulariser (Sec. 4, after Sablayrolles et al. 2019) on a batch of student [CLS] features:
+
+        L_koleo = -1/n Σ_i log(d_i),   d_i = min_{j ≠ i} ||x_i - x_j||,   x = features / ||features||
+
+    It grows when two images get the same feature, so it pushes the features of a batch apart: the opposite of the
+    collapse to a uniform teacher, where every image has the same output."""
+    x = F.normalize(features.float(), dim=-1, eps=eps)  # (n, D) on the unit sphere
+    with torch.no_grad():
+        dots = x @ x.t()  # (n, n) cosine similarities
+        dots.fill_diagonal_(-2.0)  # an image is not its own neighbour
+        nearest = dots.argmax(dim=1)  # (n,) index of each image's nearest neighbour
+    return -torch.log(F.pairwise_distance(x, x[nearest], eps=eps) + eps).mean()
+

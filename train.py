@@ -29,23 +29,25 @@ import augment
 import data
 import vit
 from head import DINOHead
-from loss import DINOLoss
+from loss import DINOLoss, koleo_loss
 
 # Recipes. The paper's (Sec. 3.2, App.; DESIGN.md §5) and a small one that learns on 2 CPU cores in ~10 minutes.
 # Every value can be overridden by its flag; the help of each flag prints both presets.
 PRESETS = {
     "paper": dict(arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=True, momentum_teacher=0.996,
-                  center_momentum=0.9, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
+                  centering="ema", koleo_weight=0.0, center_momentum=0.9, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
                   weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0, batch_size=64, epochs=100,
                   freeze_last_layer=1, lr=0.0005, warmup_epochs=10, min_lr=1e-6, drop_path_rate=0.1,
                   global_crops_scale=(0.4, 1.0), local_crops_number=10, local_crops_scale=(0.05, 0.4),
-                  global_size=224, local_size=96, blur_radius=(0.1, 2.0), depth=12, knn_every=0, num_workers=10),
+                  global_size=224, local_size=96, blur_radius=(0.1, 2.0), depth=12, knn_every=0, num_workers=10,
+                  stop_on_collapse=False),
     "cpu": dict(arch="vit_tiny", patch_size=8, out_dim=256, norm_last_layer=True, momentum_teacher=0.95,
-                center_momentum=0.0, warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=0,
+                centering="ema", koleo_weight=0.1, center_momentum=0.0, warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=0,
                 weight_decay=0.04, weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=8,
                 freeze_last_layer=0, lr=0.002, warmup_epochs=1, min_lr=1e-5, drop_path_rate=0.0,
                 global_crops_scale=(0.4, 1.0), local_crops_number=4, local_crops_scale=(0.05, 0.4),
-                global_size=64, local_size=32, blur_radius=(0.1, 0.45), depth=4, knn_every=1, num_workers=0),
+                global_size=64, local_size=32, blur_radius=(0.1, 0.45), depth=4, knn_every=1, num_workers=0,
+                stop_on_collapse=True),
 }
 HELP = {
     "arch": "ViT size (vit_tiny, vit_small, vit_base).",
@@ -55,6 +57,10 @@ HELP = {
     "norm_last_layer": "Fix the norm of the last head layer to 1 (stabler; set False for better ViT-S results).",
     "momentum_teacher": "Base EMA momentum of the teacher, raised to 1 on a cosine. Raise it (0.9995) for small "
                         "batches; 0 makes the teacher a plain copy of the student (an ablation that collapses).",
+    "centering": "How the teacher output is kept from collapsing to one dimension: ema (the centre of Eq. 4) or "
+                 "sinkhorn (DINOv2's Sinkhorn-Knopp balancing of each batch; README section 6).",
+    "koleo_weight": "Weight of DINOv2's KoLeo term, which spreads the student's [CLS] features within a batch (0: "
+                    "off, as in DINO; DINOv2 uses 0.1).",
     "center_momentum": "EMA rate m of the centre c (Eq. 4); 0 centres on the previous batch's mean alone (small "
                        "batches, short runs: README section 6).",
     "warmup_teacher_temp": "Initial teacher temperature; lower it if the loss does not decrease at the start.",
@@ -78,11 +84,14 @@ HELP = {
     "local_size": "Side of the local crops in pixels.",
     "blur_radius": "Gaussian blur radius range in pixels (scale it down for small crops).",
     "knn_every": "Online 20-NN accuracy on a held-back labelled split every N epochs (0: never).",
+    "stop_on_collapse": "Stop (exit code 3) when the teacher stayed collapsed for a whole epoch after the first; "
+                        "off by default for the ablations --no_centering, --no_sharpening, --momentum_teacher 0.",
     "num_workers": "Data loading processes per training process (0 on 2 cores: workers would take the step's cores).",
 }
 # changing these on resume would silently change the schedules or the model
 SCHEDULE_KEYS = ["arch", "patch_size", "depth", "out_dim", "epochs", "batch_size", "world_size", "lr", "min_lr",
-                 "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher", "center_momentum",
+                 "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher", "centering", "koleo_weight",
+                 "center_momentum",
                  "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs", "freeze_last_layer",
                  "local_crops_number", "data", "global_size", "local_size", "seed", "no_centering", "no_sharpening"]
 
@@ -121,6 +130,9 @@ def get_args(argv=None):
     p.add_argument("--log_every", default=10, type=int, help="Iterations between progress-bar updates.")
     args = p.parse_args(argv)
     args.preset = args.preset or ("cpu" if args.data in data.VARIANTS else "paper")
+    ablation = args.no_centering or args.no_sharpening or args.momentum_teacher == 0
+    if args.stop_on_collapse is None and ablation:  # an ablation is run to watch the collapse happen
+        args.stop_on_collapse = False
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -131,6 +143,8 @@ def get_args(argv=None):
     for size in (args.global_size, args.local_size):
         if size % args.patch_size:
             raise UserError(f"--patch {args.patch_size} does not divide the crop size {size}")
+    if args.centering not in ("ema", "sinkhorn"):
+        raise UserError(f"unknown --centering {args.centering} (ema or sinkhorn)")
     if args.arch not in vit.ARCHS:
         raise UserError(f"unknown --arch {args.arch} (choose from {', '.join(vit.ARCHS)})")
     if args.precision == "fp16" and not torch.cuda.is_available():
@@ -169,7 +183,7 @@ class MultiCropWrapper(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, crops):
+    def forward(self, crops, return_features=False):
         feats, start = [], 0
         while start < len(crops):
             end = start
@@ -177,7 +191,8 @@ class MultiCropWrapper(nn.Module):
                 end += 1
             feats.append(self.backbone(torch.cat(crops[start:end])))  # (n_crops_of_this_size·B, D)
             start = end
-        return self.head(torch.cat(feats))  # (n_crops·B, K), crops stacked view by view
+        feats = torch.cat(feats)  # (n_crops·B, D) backbone [CLS] features, crops stacked view by view
+        return (self.head(feats), feats) if return_features else self.head(feats)  # head: (n_crops·B, K)
 
 
 def build_model(args, drop_path_rate):
@@ -278,7 +293,7 @@ def main(args):
     ncrops = 2 + args.local_crops_number
     dino_loss = DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs, center_momentum=args.center_momentum,
-                         centering=not args.no_centering,
+                         centering="none" if args.no_centering else args.centering,
                          sharpening=not args.no_sharpening).to(device)
     fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, **fused)
@@ -364,8 +379,11 @@ def main(args):
             crops = [augment.normalize(c.to(device, non_blocking=True)) for c in crops]  # uint8 -> float
             with autocast:
                 teacher_output = teacher(crops[:2])  # (2·B, K): the teacher sees the global views only
-                student_output = student_ddp(crops)  # (ncrops·B, K): the student sees every view
-                loss = dino_loss(student_output, teacher_output, epoch)
+                student_output, student_features = student_ddp(crops, return_features=True)  # every view
+                loss = dino_loss(student_output, teacher_output, epoch)  # (ncrops·B, K) vs (2·B, K)
+                if args.koleo_weight:  # DINOv2: spread the [CLS] features of each global view over the batch
+                    globals_ = student_features[:teacher_output.shape[0]].chunk(2)  # 2 x (B, D)
+                    loss = loss + args.koleo_weight * sum(koleo_loss(f) for f in globals_)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if args.clip_grad:
@@ -414,7 +432,15 @@ def main(args):
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log) + "\n")
             print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
-            warn_collapse(log["teacher_entropy"], args.out_dim, epoch)
+        kind = collapse_kind(log["teacher_entropy"], args.out_dim) if epoch >= 1 else None  # a whole epoch of it
+        if kind and rank == 0:
+            print(f"warning: teacher collapsed ({kind}, mean entropy {log['teacher_entropy']:.3f} of log K = "
+                  f"{math.log(args.out_dim):.3f} over epoch {epoch}): {COLLAPSE_ADVICE[kind]}", file=sys.stderr)
+        if kind and args.stop_on_collapse:
+            if rank == 0:
+                print(f"stopped: the teacher collapsed; the checkpoint of epoch {epoch} is in {args.output_dir} "
+                      "(--stop_on_collapse false trains on regardless)", file=sys.stderr)
+            sys.exit(3)
         if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
             if rank == 0:
                 print(f"stopped after epoch {epoch} as asked; re-run without --stop_after_epoch to continue")
@@ -442,15 +468,18 @@ def check_finite(first_bad, niter_per_ep, ckpt_path):
                         "a lower --lr, --clip_grad 3, a lower --teacher_temp or --precision fp32")
 
 
-def warn_collapse(entropy, out_dim, epoch):
-    """Fig. 7: entropy → 0 is collapse to one dimension, → log K is collapse to uniform."""
+def collapse_kind(entropy, out_dim):
+    """Fig. 7: a mean teacher entropy near 0 is the collapse to one dimension, near log K the collapse to uniform."""
     log_k = math.log(out_dim)
-    if epoch >= 1 and entropy < 0.05 * log_k:
-        print(f"warning: teacher entropy {entropy:.3f} is near 0: every image maps to the same dimension "
-              "(collapse: sharpening not balanced by centring)", file=sys.stderr)
-    elif epoch >= 1 and entropy > 0.98 * log_k:
-        print(f"warning: teacher entropy {entropy:.3f} is near log K = {log_k:.3f}: the teacher output is uniform "
-              "(collapse: centring not balanced by sharpening; try a lower --teacher_temp)", file=sys.stderr)
+    return "one-hot" if entropy < 0.05 * log_k else "uniform" if entropy > 0.98 * log_k else None
+
+
+COLLAPSE_ADVICE = {
+    "one-hot": "every image maps to the same dimension (sharpening not balanced by centring); try --centering "
+               "sinkhorn, a higher --teacher_temp or a lower --lr",
+    "uniform": "the teacher output is uniform (centring not balanced by sharpening); try a lower --teacher_temp, "
+               "--centering sinkhorn with --koleo_weight 0.1, or larger --local_crops_scale",
+}
 
 
 def load_knn_sets(args):

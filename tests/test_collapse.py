@@ -7,11 +7,16 @@ Exercises: run `python -m pytest tests/test_collapse.py -v`, then
 """
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
 import data
 import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +50,23 @@ def test_centering_and_sharpening_together_stay_in_between(folder, tmp_path):
 
 def test_a_teacher_that_is_a_plain_copy_of_the_student_collapses(folder, tmp_path):
     assert final_entropy(folder, tmp_path, "--momentum_teacher", "0") > 0.9
+
+
+def test_stop_on_collapse_ends_a_run_whose_teacher_stays_uniform_and_says_what_to_try(folder, tmp_path):
+    args = ["--data", folder, "--arch", "vit_tiny", "--patch", "8", "--depth", "1", "--out_dim", "64",
+            "--global_size", "32", "--local_size", "16", "--local_crops_number", "2", "--batch_size", "6",
+            "--epochs", "6", "--lr", "0.005", "--momentum_teacher", "0.9", "--no_sharpening", "--knn_every", "0",
+            "--num_workers", "0", "--stop_on_collapse", "true", "--output_dir", str(tmp_path)]
+    out = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 3, out.stderr[-500:]
+    assert "collapsed (uniform" in out.stderr and "--teacher_temp" in out.stderr
+    logs = [json.loads(line) for line in open(tmp_path / "log.txt")]
+    assert 2 <= len(logs) < 6 and logs[-1]["teacher_entropy"] > 0.98 * math.log(64)
+    assert os.path.isfile(tmp_path / "checkpoint.pth")  # kept: the run can be inspected or resumed
+
+
+def test_the_collapse_guard_is_on_for_the_cpu_preset_and_off_for_the_ablations():
+    assert train.get_args([]).stop_on_collapse is True
+    assert train.get_args(["--no_sharpening"]).stop_on_collapse is False
+    assert train.get_args(["--no_centering", "--stop_on_collapse", "true"]).stop_on_collapse is True
+    assert train.get_args(["--preset", "paper"]).stop_on_collapse is False

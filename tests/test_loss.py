@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from loss import DINOLoss, teacher_temp_schedule
+from loss import DINOLoss, koleo_loss, sinkhorn_knopp, teacher_temp_schedule
 
 
 def direct_eq3(student, teacher, center, ncrops, tau_s, tau_t):
@@ -121,3 +121,65 @@ def test_collapse_statistics_kl_is_cross_entropy_minus_teacher_entropy():
     torch.testing.assert_close(loss_fn.stats["teacher_entropy"], h)
     torch.testing.assert_close(loss_fn.stats["kl"], loss - h)
     assert loss_fn.stats["kl"] >= 0
+
+
+def sinkhorn_reference(teacher_output, temp, iters=3):
+    """DINOv2's sinkhorn_knopp_teacher, transcribed as written there (single process)."""
+    Q = torch.exp(teacher_output / temp).t()  # (K, B)
+    B, K = Q.shape[1], Q.shape[0]
+    Q /= Q.sum()
+    for _ in range(iters):
+        Q /= Q.sum(dim=1, keepdim=True)
+        Q /= K
+        Q /= Q.sum(dim=0, keepdim=True)
+        Q /= B
+    Q *= B
+    return Q.t()
+
+
+def test_sinkhorn_matches_dinov2s_transcription_and_rows_are_distributions():
+    torch.manual_seed(0)
+    t = torch.randn(12, 9)
+    pt = sinkhorn_knopp(t, 0.5)
+    torch.testing.assert_close(pt, sinkhorn_reference(t, 0.5))
+    torch.testing.assert_close(pt.sum(1), torch.ones(12))
+
+
+def test_sinkhorn_balances_a_dimension_that_dominates_every_image():
+    """The start of the one-hot collapse: softmax gives dimension 0 most of the mass of every image; Sinkhorn-Knopp
+    gives every prototype about the same share of the batch, B / K, as the centre does only slowly."""
+    torch.manual_seed(0)
+    B, K = 32, 8
+    t = torch.randn(B, K) * 0.02
+    t[:, 0] += 0.2
+    assert torch.softmax(t / 0.04, -1)[:, 0].mean() > 0.9
+    mass = sinkhorn_knopp(t, 0.04).sum(0)  # (K,) mass of each prototype over the batch
+    torch.testing.assert_close(mass, torch.full((K,), B / K), rtol=0.05, atol=0)
+
+
+def test_sinkhorn_does_not_overflow_or_divide_by_zero_at_small_temperatures():
+    t = torch.randn(16, 64)
+    t[:, 3] += 5.0
+    pt = sinkhorn_knopp(t, 0.01)  # exp(5 / 0.01) overflows without the max subtraction
+    assert torch.isfinite(pt).all() and torch.allclose(pt.sum(1), torch.ones(16))
+
+
+def test_sinkhorn_centering_leaves_the_centre_alone_and_gives_the_same_loss_shape():
+    torch.manual_seed(0)
+    loss_fn = DINOLoss(16, 4, 0.04, 0.04, 0, 1, centering="sinkhorn")
+    loss = loss_fn(torch.randn(4 * 5, 16), torch.randn(2 * 5, 16) + 3, 0)
+    assert loss.ndim == 0 and torch.isfinite(loss) and torch.count_nonzero(loss_fn.center) == 0
+    with pytest.raises(ValueError, match="centering"):
+        DINOLoss(16, 4, 0.04, 0.04, 0, 1, centering="median")
+
+
+def test_koleo_is_large_when_two_features_coincide_and_its_gradient_pulls_them_apart():
+    torch.manual_seed(0)
+    x = torch.randn(8, 5)
+    spread = koleo_loss(x)
+    x[1] = x[0] + 1e-3 * torch.randn(5)
+    assert koleo_loss(x) > spread + 1.0  # -log of a tiny distance
+    x.requires_grad_(True)
+    koleo_loss(x).backward()
+    step = x - 0.01 * x.grad  # one step of gradient descent
+    assert torch.dist(step[0], step[1]) > torch.dist(x[0], x[1])

@@ -1,0 +1,310 @@
+"""The recipe suite: one preset trained on several 10-class image folders, to see whether it learns data it was
+not tuned on.
+
+For each folder: `train.py --preset cpu --data FOLDER` (timed), then the weighted 20-NN of the trained teacher, of
+an untrained network of the same shape, and of the raw pixels (`eval_knn.py`), and whether the teacher entropy
+collapsed (to 0 or to log K) at the end. The folders:
+
+    role     name      what
+    tuned    scatter   the embedded default (data.py): 4-8 small copies of one of ten shapes
+    tuned    scatter2  its sibling with ten other shapes
+    tuned    strokes   ten pen-stroke glyphs, 1-4 per image, jittered like handwriting, dark ink on light paper
+    report   letters   the letters A-J in the DejaVu typefaces on the machine, 1-3 per image, on textured grey
+    report   textures  ten texture families (stripes, checks, dots, rings, ...), random scale, angle and colours
+    report   digits    real handwriting: the 1,797 8x8 digits of the UCI set shipped with scikit-learn (optional)
+
+"tuned" folders are the ones recipes were compared on; "report" folders were written before the recipe was chosen
+and are only ever reported on. `digits` needs `pip install scikit-learn` (its data ships inside the package, no
+download); without it that row is skipped.
+
+    python recipes.py                                  # every folder, about 10 minutes each on 2 cores
+    python recipes.py --only strokes letters           # some folders
+    python recipes.py --only strokes --train_args "--epochs 3" --tag short   # try a change of recipe
+    python recipes.py --make_only --root /tmp/suite    # just write the folders
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import data
+
+SIZE, N_TRAIN, N_VAL, N_CLASSES = 64, 5000, 1000, 10
+
+
+# --- generators: (rng, label) -> uint8 (SIZE, SIZE, 3) --------------------------------------------------------
+def _paper(rng, level, noise_cells=4, amp=12.0):
+    """A grey background at `level` with faint low-frequency shading and pixel noise, (S, S) float."""
+    return level + amp * data._smooth_noise(rng, noise_cells, SIZE, 1)[..., 0] + rng.normal(0, 4, (SIZE, SIZE))
+
+
+def _place(rng, n, r_range, side, tries=200):
+    """Up to n non-overlapping (centre, radius) discs inside a square of this side."""
+    placed = []
+    for _ in range(tries):
+        if len(placed) == n:
+            break
+        r = rng.uniform(*r_range)
+        c = rng.uniform(r, side - r, 2)
+        if all(np.hypot(*(c - c2)) >= r + r2 for c2, r2 in placed):
+            placed.append((c, r))
+    return placed
+
+
+def _stroke_templates(seed=1234):
+    """Ten glyph classes, each 2-3 strokes of 3-4 control points in [-1, 1]^2, fixed by `seed`."""
+    rng = np.random.default_rng(seed)
+    return [[rng.uniform(-1, 1, (rng.integers(3, 5), 2)) for _ in range(rng.integers(2, 4))]
+            for _ in range(N_CLASSES)]
+
+
+STROKES = _stroke_templates()
+
+
+def _bezier(ctrl, n=24):
+    """Points of the Bezier curve with control points ctrl (m, 2), (n, 2), by de Casteljau."""
+    t = np.linspace(0, 1, n)[:, None, None]
+    pts = np.broadcast_to(ctrl, (n, *ctrl.shape)).copy()
+    while pts.shape[1] > 1:
+        pts = (1 - t) * pts[:, :-1] + t * pts[:, 1:]
+    return pts[:, 0]
+
+
+def render_strokes(rng, label):
+    """1-4 copies of the class glyph, each with jittered control points, its own size, tilt, pen width and ink."""
+    S = 2 * SIZE
+    ink = Image.new("L", (S, S), 0)
+    draw = ImageDraw.Draw(ink)
+    for c, r in _place(rng, rng.integers(1, 5), (0.12 * S, 0.22 * S), S):
+        a = rng.uniform(-0.35, 0.35)
+        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        width, level = int(rng.integers(3, 8)), int(rng.uniform(150, 255))
+        for ctrl in STROKES[label]:
+            pts = _bezier(ctrl + rng.normal(0, 0.12, ctrl.shape)) @ rot.T * r * 0.8 + c
+            draw.line([tuple(p) for p in pts], fill=level, width=width, joint="curve")
+    cover = np.asarray(ink.reduce(2), np.float32) / 255  # (SIZE, SIZE) ink darkness
+    img = _paper(rng, rng.uniform(200, 235)) * (1 - cover) + rng.uniform(20, 70) * cover
+    return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2)
+
+
+LETTERS = "ABCDEFGHIJ"
+
+
+def _fonts():
+    return sorted(glob.glob("/usr/share/fonts/**/*.ttf", recursive=True))
+
+
+def render_letters(rng, label):
+    """1-3 copies of the class letter, each in a random typeface, size and tilt, grey on textured grey."""
+    fonts = _fonts()
+    S = 2 * SIZE
+    alpha = Image.new("L", (S, S), 0)
+    for c, r in _place(rng, rng.integers(1, 4), (0.15 * S, 0.28 * S), S):
+        font = ImageFont.truetype(fonts[rng.integers(len(fonts))], int(2.2 * r))
+        glyph = Image.new("L", (int(3 * r), int(3 * r)), 0)
+        ImageDraw.Draw(glyph).text((1.5 * r, 1.5 * r), LETTERS[label], fill=255, font=font, anchor="mm")
+        glyph = glyph.rotate(rng.uniform(-20, 20), resample=Image.BILINEAR)
+        alpha.paste(glyph, (int(c[0] - 1.5 * r), int(c[1] - 1.5 * r)), glyph)
+    cover = np.asarray(alpha.reduce(2), np.float32) / 255
+    bg, fg = rng.uniform(60, 190), rng.uniform(0, 255)
+    if abs(fg - bg) < 60:  # keep the letters visible
+        fg = bg + 60 * np.sign(fg - bg + 1e-9) if 60 <= bg + 60 <= 255 else bg - 60
+    img = _paper(rng, bg, 6, 20) * (1 - cover) + fg * cover
+    return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2)
+
+
+def render_textures(rng, label):
+    """One texture family per class over the whole image; scale, angle, phase and the two colours are noise."""
+    yy, xx = (np.mgrid[0:SIZE, 0:SIZE] + 0.5) / SIZE  # (SIZE, SIZE) in [0, 1]
+    a = rng.uniform(0, np.pi)
+    u = (xx - .5) * np.cos(a) + (yy - .5) * np.sin(a)  # rotated coordinates
+    v = -(xx - .5) * np.sin(a) + (yy - .5) * np.cos(a)
+    f = rng.uniform(4, 8)  # periods per image side
+    ph = rng.uniform(0, 2 * np.pi, 2)
+    if label == 0:  # stripes
+        t = np.sin(2 * np.pi * f * u + ph[0]) > 0
+    elif label == 1:  # checkerboard
+        t = (np.sin(2 * np.pi * f * u + ph[0]) > 0) ^ (np.sin(2 * np.pi * f * v + ph[1]) > 0)
+    elif label == 2:  # dots on a grid
+        t = np.hypot((f * u + ph[0]) % 1 - .5, (f * v + ph[1]) % 1 - .5) < 0.22
+    elif label == 3:  # concentric rings around a random centre
+        cx, cy = rng.uniform(0, 1, 2)
+        t = np.sin(2 * np.pi * f * np.hypot(xx - cx, yy - cy) + ph[0]) > 0
+    elif label == 4:  # zigzag
+        t = np.sin(2 * np.pi * f * (u + 0.12 * np.abs(((f * v + ph[1]) % 1) - .5) * 4 / f)) > 0
+    elif label == 5:  # cross-hatch (thin lines both ways)
+        t = (np.abs(np.sin(np.pi * f * u + ph[0])) < 0.3) | (np.abs(np.sin(np.pi * f * v + ph[1])) < 0.3)
+    elif label == 6:  # blobs: thresholded smooth noise
+        t = data._smooth_noise(rng, int(f), SIZE, 1)[..., 0] > 0.3
+    elif label == 7:  # fine grain: thresholded pixel noise
+        t = rng.random((SIZE, SIZE)) < 0.5
+    elif label == 8:  # waves: wavy stripes
+        t = np.sin(2 * np.pi * f * (u + 0.06 * np.sin(2 * np.pi * 2 * v + ph[1])) + ph[0]) > 0
+    else:  # bricks: rows of offset rectangles, mortar lines
+        row = np.floor(f * v + ph[0])
+        t = (((f * v + ph[0]) % 1) < 0.18) | ((((f / 2) * u + 0.5 * (row % 2) + ph[1]) % 1) < 0.09)
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    if np.linalg.norm(c0 - c1) < 80:
+        c1 = 255 - c0
+    img = np.where(t[..., None], c1, c0) + rng.normal(0, 6, (SIZE, SIZE, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _uci_digits():
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        return None
+    d = load_digits()
+    return d.images, d.target  # (1797, 8, 8) in 0..16, (1797,)
+
+
+def digits_renderer():
+    """Real handwriting: each image one UCI digit (train: the first 80% of the set, val: the rest, so no val digit
+    is ever in train), upscaled bicubically to 22-40 px, placed anywhere, dark on light."""
+    loaded = _uci_digits()
+    if loaded is None:
+        return None
+    images, targets = loaded
+    cut = int(0.8 * len(images))
+
+    def render(rng, label, split):
+        pool = np.flatnonzero(targets[:cut] == label) if split == "train" else cut + np.flatnonzero(
+            targets[cut:] == label)
+        d = Image.fromarray((images[rng.choice(pool)] * (255 / 16)).astype(np.uint8))
+        side = int(rng.integers(22, 41))
+        d = np.asarray(d.resize((side, side), Image.BICUBIC), np.float32) / 255
+        cover = np.zeros((SIZE, SIZE), np.float32)
+        x, y = rng.integers(0, SIZE - side + 1, 2)
+        cover[y:y + side, x:x + side] = d
+        img = _paper(rng, rng.uniform(190, 235)) * (1 - cover) + rng.uniform(20, 70) * cover
+        return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2)
+
+    return render
+
+
+# name -> (role, renderer or None for the embedded ones); the embedded ones train with --data NAME directly
+FOLDERS = {"scatter": ("tuned", None), "scatter2": ("tuned", None), "strokes": ("tuned", render_strokes),
+           "letters": ("report", render_letters), "textures": ("report", render_textures),
+           "digits": ("report", "digits")}
+
+
+def make_folder(name, root):
+    """Write root/name/{train,val}/<class>/xxxxx.png (once; a finished folder has a DONE file). None: skipped."""
+    out = os.path.join(root, name)
+    if os.path.isfile(os.path.join(out, "DONE")):
+        return out
+    render = FOLDERS[name][1]
+    if render == "digits":
+        inner = digits_renderer()
+        if inner is None:
+            return None
+        render = inner
+    else:
+        render = (lambda r: lambda rng, label, split: r(rng, label))(render)
+    for split, n in (("train", N_TRAIN), ("val", N_VAL)):
+        for i in range(n):
+            label = i % N_CLASSES
+            rng = np.random.default_rng([zlib.crc32(name.encode()), data.SPLITS.index(split), i])
+            path = os.path.join(out, split, f"{label}", f"{i:05d}.png")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            Image.fromarray(render(rng, label, split)).save(path)
+    open(os.path.join(out, "DONE"), "w").close()
+    return out
+
+
+# --- running the suite ------------------------------------------------------------------------------------------
+def knn20(ckpt, *flags):
+    out = subprocess.run([sys.executable, "eval_knn.py", ckpt, "--nb_knn", "20", "--num_workers", "0", *flags],
+                         capture_output=True, text=True)
+    m = re.search(r"20-NN classifier result: Top1: ([\d.]+)", out.stdout)
+    if not m:
+        raise RuntimeError(f"eval_knn.py {ckpt} {' '.join(flags)} failed: {out.stderr.strip()[-300:]}")
+    return float(m.group(1))
+
+
+def collapse_state(log, out_dim):
+    """'no', 'uniform' or 'one-hot' from the last epoch's mean teacher entropy (train.py's collapse thresholds)."""
+    h, log_k = log[-1]["teacher_entropy"], math.log(out_dim)
+    return "one-hot" if h < 0.05 * log_k else "uniform" if h > 0.98 * log_k else "no"
+
+
+def run_one(name, root, runs, train_args):
+    target = name if FOLDERS[name][1] is None else make_folder(name, root)
+    if target is None:
+        return None
+    out_dir = os.path.join(runs, name)
+    cmd = [sys.executable, "train.py", "--preset", "cpu", "--data", target, "--output_dir", out_dir, *train_args]
+    print("$", " ".join(map(shlex.quote, cmd)), flush=True)
+    t0 = time.time()
+    code = subprocess.run(cmd).returncode
+    wall = time.time() - t0
+    if code not in (0, 3):  # 3: train.py stopped a collapsed run (--stop_on_collapse); that row is reported
+        raise RuntimeError(f"train.py failed on {name} (exit code {code})")
+    with open(os.path.join(out_dir, "log.txt")) as f:
+        log = [json.loads(line) for line in f]
+    ckpt = os.path.join(out_dir, "checkpoint.pth")
+    out_dim = torch.load(ckpt, map_location="cpu", weights_only=False)["args"]["out_dim"]
+    row = {"name": name, "role": FOLDERS[name][0], "trained": knn20(ckpt), "untrained": knn20(ckpt, "--random_init"),
+           "raw": knn20(ckpt, "--raw_pixels"), "wall_min": wall / 60, "collapse": collapse_state(log, out_dim),
+           "entropy": [round(e["teacher_entropy"], 2) for e in log],
+           "online": [e.get("knn_top1") for e in log], "epochs": len(log), "stopped_on_collapse": code == 3,
+           "train_args": " ".join(train_args)}
+    row["learns"] = row["trained"] >= row["untrained"] + 25 and row["collapse"] == "no"
+    return row
+
+
+def table(rows):
+    lines = ["| folder | role | 20-NN trained | untrained | raw pixels | gain | wall | teacher collapsed | learns |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['role']} | {r['trained']:.1f} | {r['untrained']:.1f} | {r['raw']:.1f} | "
+                     f"{r['trained'] - r['untrained']:+.1f} | {r['wall_min']:.1f} min | {r['collapse']} | "
+                     f"{'yes' if r['learns'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=list(FOLDERS), help="run these folders only (default: all)")
+    p.add_argument("--root", default=os.path.join(os.path.expanduser("~"), ".cache", "dino_suite"),
+                   help="where the generated folders are written (once)")
+    p.add_argument("--runs", default="runs/suite", help="where the training runs go (one sub-folder per data)")
+    p.add_argument("--train_args", default="", help="extra train.py flags for every run, e.g. '--epochs 3'")
+    p.add_argument("--tag", default="", help="sub-folder of --runs for this variant of the recipe")
+    p.add_argument("--make_only", action="store_true", help="write the folders and stop")
+    args = p.parse_args(argv)
+    names = args.only or list(FOLDERS)
+    if args.make_only:
+        for name in names:
+            if FOLDERS[name][1] is not None:
+                print(name, make_folder(name, args.root) or "skipped (pip install scikit-learn)")
+        return
+    runs = os.path.join(args.runs, args.tag) if args.tag else args.runs
+    rows = []
+    for name in names:
+        row = run_one(name, args.root, runs, shlex.split(args.train_args))
+        if row is None:
+            print(f"{name}: skipped (pip install scikit-learn for the UCI digits)")
+            continue
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(os.path.join(runs, "suite.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+    print(table(rows))
+    print(f"{sum(r['learns'] for r in rows)} of {len(rows)} folders learn (20-NN >= untrained + 25, no collapse)")
+
+
+if __name__ == "__main__":
+    main()
