@@ -21,6 +21,7 @@ download); without it that row is skipped.
     python recipes.py --only strokes letters           # some folders
     python recipes.py --only strokes --train_args "--epochs 3" --tag short   # try a change of recipe
     python recipes.py --make_only --root /tmp/suite    # just write the folders
+    python recipes.py --supervised --only letters      # control: the same ViT trained with the labels
 """
 import argparse
 import glob
@@ -170,6 +171,13 @@ def _uci_digits():
     return d.images, d.target  # (1797, 8, 8) in 0..16, (1797,)
 
 
+def digit_pool(targets, label, split):
+    """Indices of the UCI digits of class `label` that `split` may draw: train the first 80%, val the rest."""
+    cut = int(0.8 * len(targets))
+    lo, hi = (0, cut) if split == "train" else (cut, len(targets))
+    return lo + np.flatnonzero(np.asarray(targets[lo:hi]) == label)
+
+
 def digits_renderer():
     """Real handwriting: each image one UCI digit (train: the first 80% of the set, val: the rest, so no val digit
     is ever in train), upscaled bicubically to 22-40 px, placed anywhere, dark on light."""
@@ -177,12 +185,9 @@ def digits_renderer():
     if loaded is None:
         return None
     images, targets = loaded
-    cut = int(0.8 * len(images))
 
     def render(rng, label, split):
-        pool = np.flatnonzero(targets[:cut] == label) if split == "train" else cut + np.flatnonzero(
-            targets[cut:] == label)
-        d = Image.fromarray((images[rng.choice(pool)] * (255 / 16)).astype(np.uint8))
+        d = Image.fromarray((images[rng.choice(digit_pool(targets, label, split))] * (255 / 16)).astype(np.uint8))
         side = int(rng.integers(22, 41))
         d = np.asarray(d.resize((side, side), Image.BICUBIC), np.float32) / 255
         cover = np.zeros((SIZE, SIZE), np.float32)
@@ -200,7 +205,7 @@ FOLDERS = {"scatter": ("tuned", None), "scatter2": ("tuned", None), "strokes": (
            "digits": ("report", "digits")}
 
 
-def make_folder(name, root):
+def make_folder(name, root, n_train=N_TRAIN, n_val=N_VAL):
     """Write root/name/{train,val}/<class>/xxxxx.png (once; a finished folder has a DONE file). None: skipped."""
     out = os.path.join(root, name)
     if os.path.isfile(os.path.join(out, "DONE")):
@@ -213,7 +218,7 @@ def make_folder(name, root):
         render = inner
     else:
         render = (lambda r: lambda rng, label, split: r(rng, label))(render)
-    for split, n in (("train", N_TRAIN), ("val", N_VAL)):
+    for split, n in (("train", n_train), ("val", n_val)):
         for i in range(n):
             label = i % N_CLASSES
             rng = np.random.default_rng([zlib.crc32(name.encode()), data.SPLITS.index(split), i])
@@ -222,6 +227,49 @@ def make_folder(name, root):
             Image.fromarray(render(rng, label, split)).save(path)
     open(os.path.join(out, "DONE"), "w").close()
     return out
+
+
+# --- a supervised control: can this backbone learn the folder at all, in this budget? -------------------------
+def supervised(folder, epochs=6, seed=0):
+    """The cpu preset's ViT (vit_tiny/8, 4 blocks, 64 px) trained WITH the labels (AdamW, one-cycle lr 1e-3, random
+    shifts of up to 6 px): top-1 (%) on the val split after each epoch. A folder this does not learn tells nothing
+    about DINO's recipe: the backbone and the budget are the limit."""
+    import torch.nn.functional as F
+    import augment
+    import vit
+    torch.manual_seed(seed)
+    tensors = {}
+    for split in data.SPLITS:
+        ds = data.build_dataset(folder, split)
+        tensors[split] = (torch.stack([augment.to_uint8_tensor(ds.image(i)) for i in range(len(ds))]),
+                          torch.tensor(ds.targets))  # (N, 3, H, W) uint8, (N,)
+    (x_train, y_train), (x_val, y_val) = tensors["train"], tensors["val"]
+    model = vit.vit_tiny(patch_size=8, img_size=SIZE, depth=4)
+    classifier = torch.nn.Linear(model.embed_dim, int(y_train.max()) + 1)
+    params = list(model.parameters()) + list(classifier.parameters())
+    steps = len(x_train) // 64
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=epochs * steps)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    accuracies = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(x_train))
+        for i in range(steps):
+            idx = order[i * 64:(i + 1) * 64]
+            shift = [int(v) for v in torch.randint(-6, 7, (2,))]
+            x = torch.roll(augment.normalize(x_train[idx]), shift, (2, 3))  # (64, 3, H, W)
+            with autocast:
+                loss = F.cross_entropy(classifier(model(x)), y_train[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        with torch.no_grad(), autocast:
+            right = sum((classifier(model(augment.normalize(x_val[j:j + 256]))).argmax(1) == y_val[j:j + 256]).sum()
+                        for j in range(0, len(x_val), 256))
+        accuracies.append(round(100 * float(right) / len(x_val), 1))
+        print(f"supervised, epoch {epoch}: val top-1 {accuracies[-1]}%", flush=True)
+    return accuracies
 
 
 # --- running the suite ------------------------------------------------------------------------------------------
@@ -284,12 +332,20 @@ def main(argv=None):
     p.add_argument("--train_args", default="", help="extra train.py flags for every run, e.g. '--epochs 3'")
     p.add_argument("--tag", default="", help="sub-folder of --runs for this variant of the recipe")
     p.add_argument("--make_only", action="store_true", help="write the folders and stop")
+    p.add_argument("--supervised", action="store_true", help="instead of DINO, train the same ViT with the labels "
+                   "for 6 epochs on each folder (a control: is the folder learnable by this backbone at all?)")
     args = p.parse_args(argv)
     names = args.only or list(FOLDERS)
     if args.make_only:
         for name in names:
             if FOLDERS[name][1] is not None:
                 print(name, make_folder(name, args.root) or "skipped (pip install scikit-learn)")
+        return
+    if args.supervised:
+        for name in names:
+            folder = name if FOLDERS[name][1] is None else make_folder(name, args.root)
+            if folder:
+                print(f"{name}: supervised val top-1 per epoch {supervised(folder)}", flush=True)
         return
     runs = os.path.join(args.runs, args.tag) if args.tag else args.runs
     rows = []

@@ -1,0 +1,54 @@
+"""recipes.py: the suite's folders are what they say (10 balanced classes, disjoint splits); its verdicts are right."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import recipes
+import train
+
+RENDERERS = {"strokes": recipes.render_strokes, "letters": recipes.render_letters, "textures": recipes.render_textures}
+
+
+@pytest.mark.parametrize("name", sorted(RENDERERS))
+def test_every_class_is_drawn_with_its_own_noise(name):
+    for label in range(recipes.N_CLASSES):
+        a, b = (RENDERERS[name](np.random.default_rng([label, i]), label) for i in range(2))
+        assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+        assert a.std() > 5  # something is drawn
+        assert np.abs(a.astype(int) - b).mean() > 2  # two images of one class differ
+
+
+def test_two_classes_of_strokes_are_different_glyphs():
+    assert not np.allclose(recipes.STROKES[0][0][:3], recipes.STROKES[1][0][:3])
+    assert len(recipes.STROKES) == 10 and all(2 <= len(g) <= 3 for g in recipes.STROKES)
+
+
+def test_digit_pools_keep_every_val_digit_out_of_train():
+    targets = np.arange(100) % 10
+    for label in range(10):
+        train_pool, val_pool = recipes.digit_pool(targets, label, "train"), recipes.digit_pool(targets, label, "val")
+        assert len(train_pool) == 8 and len(val_pool) == 2 and not set(train_pool) & set(val_pool)
+        assert (targets[train_pool] == label).all() and (targets[val_pool] == label).all()
+
+
+def test_make_folder_writes_balanced_splits_once(tmp_path):
+    root = recipes.make_folder("textures", str(tmp_path), n_train=20, n_val=10)
+    for split, n in (("train", 20), ("val", 10)):
+        classes = sorted(os.listdir(os.path.join(root, split)))
+        assert classes == [str(c) for c in range(10)]
+        assert sum(len(os.listdir(os.path.join(root, split, c))) for c in classes) == n
+    first = os.path.join(root, "val", "3", "00003.png")
+    assert Image.open(first).size == (64, 64)
+    stamp = os.path.getmtime(first)
+    recipes.make_folder("textures", str(tmp_path), n_train=20, n_val=10)  # DONE: not written again
+    assert os.path.getmtime(first) == stamp
+
+
+def test_collapse_verdict_uses_train_py_thresholds():
+    log_k = np.log(256)
+    assert recipes.collapse_state([{"teacher_entropy": 0.99 * log_k}], 256) == "uniform"
+    assert recipes.collapse_state([{"teacher_entropy": 0.01 * log_k}], 256) == "one-hot"
+    assert recipes.collapse_state([{"teacher_entropy": 0.7 * log_k}], 256) == "no"
+    assert train.collapse_kind(0.99 * log_k, 256) == "uniform" and train.collapse_kind(0.7 * log_k, 256) is None
