@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import augment
 import data
+import exercises
 import vit
 from head import DINOHead
 from loss import DINOLoss, koleo_loss
@@ -35,14 +36,16 @@ from loss import DINOLoss, koleo_loss
 # Every value can be overridden by its flag; the help of each flag prints both presets.
 PRESETS = {
     "paper": dict(arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=True, momentum_teacher=0.996,
-                  centering="ema", koleo_weight=0.0, center_momentum=0.9, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
+                  centering="ema", koleo_weight=0.0, center_momentum=0.9, warmup_teacher_temp=0.04,
+                  teacher_temp=0.07, warmup_teacher_temp_epochs=30,
                   weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0, batch_size=64, epochs=100,
                   freeze_last_layer=1, lr=0.0005, warmup_epochs=10, min_lr=1e-6, drop_path_rate=0.1,
                   global_crops_scale=(0.4, 1.0), local_crops_number=10, local_crops_scale=(0.05, 0.4),
                   global_size=224, local_size=96, blur_radius=(0.1, 2.0), depth=12, knn_every=0, num_workers=10,
                   stop_on_collapse=False),
     "cpu": dict(arch="vit_tiny", patch_size=8, out_dim=256, norm_last_layer=True, momentum_teacher=0.95,
-                centering="ema", koleo_weight=0.1, center_momentum=0.0, warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=0,
+                centering="ema", koleo_weight=0.1, center_momentum=0.0, warmup_teacher_temp=0.02,
+                teacher_temp=0.02, warmup_teacher_temp_epochs=0,
                 weight_decay=0.04, weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=8,
                 freeze_last_layer=0, lr=0.002, warmup_epochs=1, min_lr=1e-5, drop_path_rate=0.0,
                 global_crops_scale=(0.4, 1.0), local_crops_number=4, local_crops_scale=(0.05, 0.4),
@@ -58,11 +61,11 @@ HELP = {
     "momentum_teacher": "Base EMA momentum of the teacher, raised to 1 on a cosine. Raise it (0.9995) for small "
                         "batches; 0 makes the teacher a plain copy of the student (an ablation that collapses).",
     "centering": "How the teacher output is kept from collapsing to one dimension: ema (the centre of Eq. 4) or "
-                 "sinkhorn (DINOv2's Sinkhorn-Knopp balancing of each batch; README section 6).",
+                 "sinkhorn (DINOv2's Sinkhorn-Knopp balancing of each batch; docs/recipe.md).",
     "koleo_weight": "Weight of DINOv2's KoLeo term, which spreads the student's [CLS] features within a batch (0: "
                     "off, as in DINO; DINOv2 uses 0.1).",
     "center_momentum": "EMA rate m of the centre c (Eq. 4); 0 centres on the previous batch's mean alone (small "
-                       "batches, short runs: README section 6).",
+                       "batches, short runs: docs/recipe.md).",
     "warmup_teacher_temp": "Initial teacher temperature; lower it if the loss does not decrease at the start.",
     "teacher_temp": "Teacher temperature after warm-up. 0.04-0.07 in the paper (above 0.07 is unstable); the CPU "
                     "preset's 0.02 swings between the two collapses with the paper's --center_momentum 0.9.",
@@ -123,6 +126,9 @@ def get_args(argv=None):
     p.add_argument("--no_centering", action="store_true", help="Ablation (Fig. 7): no centring; collapses to one-hot.")
     p.add_argument("--no_sharpening", action="store_true", help="Ablation (Fig. 7): teacher temperature = student "
                    "temperature; collapses to uniform.")
+    p.add_argument("--exercise", nargs="+", default=[], metavar="NAME", help="Train with your own solutions of "
+                   f"EXERCISES.md in place of the reference code ({' '.join(exercises.EXERCISES)}, or all); check "
+                   "each first with python -m pytest --exercise NAME.")
     p.add_argument("--saveckp_freq", default=0, type=int, help="Also keep checkpointNNNN.pth every N epochs (0: never).")
     p.add_argument("--stop_after_epoch", default=None, type=int, help="Save and stop after this epoch (for time-"
                    "limited jobs); re-run without it to continue.")
@@ -262,6 +268,7 @@ def save_checkpoint(state, path):
 
 
 def main(args):
+    exercises.install(args.exercise, error=UserError)  # EXERCISES.md: the student's functions, if any
     rank, world, local_rank = init_distributed()
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(args.precision, device)
