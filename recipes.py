@@ -44,7 +44,7 @@ import data
 SIZE, N_TRAIN, N_VAL, N_CLASSES = 64, 5000, 1000, 10
 
 
-# --- generators: (rng, label) -> uint8 (SIZE, SIZE, 3) --------------------------------------------------------
+# --- generators: (rng, label, split) -> uint8 (SIZE, SIZE, 3) --------------------------------------------------------
 def _paper(rng, level, noise_cells=4, amp=12.0):
     """A grey background at `level` with faint low-frequency shading and pixel noise, (S, S) float."""
     return level + amp * data._smooth_noise(rng, noise_cells, SIZE, 1)[..., 0] + rng.normal(0, 4, (SIZE, SIZE))
@@ -82,7 +82,7 @@ def _bezier(ctrl, n=24):
     return pts[:, 0]
 
 
-def render_strokes(rng, label):
+def render_strokes(rng, label, split=None):
     """1-4 copies of the class glyph, each with jittered control points, its own size, tilt, pen width and ink."""
     S = 2 * SIZE
     ink = Image.new("L", (S, S), 0)
@@ -106,7 +106,7 @@ def _fonts():
     return sorted(glob.glob("/usr/share/fonts/**/*.ttf", recursive=True))
 
 
-def render_letters(rng, label):
+def render_letters(rng, label, split=None):
     """1-3 copies of the class letter, each in a random typeface, size and tilt, grey on textured grey."""
     fonts = _fonts()
     S = 2 * SIZE
@@ -125,7 +125,7 @@ def render_letters(rng, label):
     return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2)
 
 
-def render_textures(rng, label):
+def render_textures(rng, label, split=None):
     """One texture family per class over the whole image; scale, angle, phase and the two colours are noise."""
     yy, xx = (np.mgrid[0:SIZE, 0:SIZE] + 0.5) / SIZE  # (SIZE, SIZE) in [0, 1]
     a = rng.uniform(0, np.pi)
@@ -216,8 +216,6 @@ def make_folder(name, root, n_train=N_TRAIN, n_val=N_VAL):
         if inner is None:
             return None
         render = inner
-    else:
-        render = (lambda r: lambda rng, label, split: r(rng, label))(render)
     for split, n in (("train", n_train), ("val", n_val)):
         for i in range(n):
             label = i % N_CLASSES
