@@ -26,7 +26,6 @@ download); without it that row is skipped.
 import argparse
 import glob
 import json
-import math
 import os
 import re
 import shlex
@@ -40,6 +39,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import data
+import train
 
 SIZE, N_TRAIN, N_VAL, N_CLASSES = 64, 5000, 1000, 10
 
@@ -282,8 +282,7 @@ def knn20(ckpt, *flags):
 
 def collapse_state(log, out_dim):
     """'no', 'uniform' or 'one-hot' from the last epoch's mean teacher entropy (train.py's collapse thresholds)."""
-    h, log_k = log[-1]["teacher_entropy"], math.log(out_dim)
-    return "one-hot" if h < 0.05 * log_k else "uniform" if h > 0.98 * log_k else "no"
+    return train.collapse_kind(log[-1]["teacher_entropy"], out_dim) or "no"
 
 
 def run_one(name, root, runs, train_args):

@@ -484,8 +484,8 @@ def collapse_kind(entropy, out_dim):
 COLLAPSE_ADVICE = {
     "one-hot": "every image maps to the same dimension (sharpening not balanced by centring); try --centering "
                "sinkhorn, a higher --teacher_temp or a lower --lr",
-    "uniform": "the teacher output is uniform (centring not balanced by sharpening); try a lower --teacher_temp, "
-               "--centering sinkhorn with --koleo_weight 0.1, or larger --local_crops_scale",
+    "uniform": "the teacher output is uniform (centring not balanced by sharpening); try --koleo_weight 0.1 (the "
+               "cpu preset's, measured in docs/recipe.md) or higher, or a lower --teacher_temp",
 }
 
 
