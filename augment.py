@@ -134,9 +134,16 @@ def gaussian_blur(x, sigma, passes=3):
     return x
 
 
+def _factor(strength, u):
+    """ColorJitter's factor for a strength: uniform on [max(0, 1 - strength), 1 + strength], u uniform on [0, 1)."""
+    lo = max(0.0, 1 - strength)
+    return lo + (1 + strength - lo) * u
+
+
 class MultiCropAugmentation:
     def __init__(self, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number=8,
-                 global_size=224, local_size=96, blur_radius=(0.1, 2.0)):
+                 global_size=224, local_size=96, blur_radius=(0.1, 2.0), color_jitter=1.0):
+        self.color_jitter = color_jitter  # strength s: ColorJitter(0.4s, 0.4s, 0.2s, 0.1s); 1 is the paper's
         self.global_crops_scale = global_crops_scale
         self.local_crops_scale = local_crops_scale
         self.local_crops_number = local_crops_number
@@ -151,9 +158,10 @@ class MultiCropAugmentation:
         # crop and resize in one resampling pass; antialiased bicubic as PIL's resize (uint8 in, uint8 out)
         crop = F.interpolate(img[..., top:bottom, left:right], size=(size, size), mode="bicubic", antialias=True)
         x = crop[0].to(torch.float32, memory_format=torch.contiguous_format)  # (3, size, size)
-        if u[1] < 0.8:  # ColorJitter(0.4, 0.4, 0.2, 0.1): random strengths, random order
-            ops = [(adjust_brightness, 0.6 + 0.8 * u[2]), (adjust_contrast, 0.6 + 0.8 * u[3]),
-                   (adjust_saturation, 0.8 + 0.4 * u[4]), (adjust_hue, -0.1 + 0.2 * u[5])]
+        if u[1] < 0.8:  # ColorJitter(0.4s, 0.4s, 0.2s, 0.1s): random strengths, random order
+            s = self.color_jitter
+            ops = [(adjust_brightness, _factor(0.4 * s, u[2])), (adjust_contrast, _factor(0.4 * s, u[3])),
+                   (adjust_saturation, _factor(0.2 * s, u[4])), (adjust_hue, min(0.1 * s, 0.5) * (2 * u[5] - 1))]
             for i in sorted(range(4), key=lambda i: u[6 + i]):  # a uniformly random permutation
                 x = ops[i][0](x, ops[i][1])
         if u[10] < 0.2:

@@ -41,7 +41,7 @@ PRESETS = {
                   weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0, batch_size=64, epochs=100,
                   freeze_last_layer=1, lr=0.0005, warmup_epochs=10, min_lr=1e-6, drop_path_rate=0.1,
                   global_crops_scale=(0.4, 1.0), local_crops_number=10, local_crops_scale=(0.05, 0.4),
-                  global_size=224, local_size=96, blur_radius=(0.1, 2.0), depth=12, knn_every=0, num_workers=10,
+                  global_size=224, local_size=96, blur_radius=(0.1, 2.0), color_jitter=1.0, depth=12, knn_every=0, num_workers=10,
                   stop_on_collapse=False),
     "cpu": dict(arch="vit_tiny", patch_size=8, out_dim=256, norm_last_layer=True, momentum_teacher=0.95,
                 centering="ema", koleo_weight=0.1, center_momentum=0.0, warmup_teacher_temp=0.02,
@@ -49,7 +49,7 @@ PRESETS = {
                 weight_decay=0.04, weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=8,
                 freeze_last_layer=0, lr=0.002, warmup_epochs=1, min_lr=1e-5, drop_path_rate=0.0,
                 global_crops_scale=(0.4, 1.0), local_crops_number=4, local_crops_scale=(0.05, 0.4),
-                global_size=64, local_size=32, blur_radius=(0.1, 0.45), depth=4, knn_every=1, num_workers=0,
+                global_size=64, local_size=32, blur_radius=(0.1, 0.45), color_jitter=1.0, depth=4, knn_every=1, num_workers=0,
                 stop_on_collapse=True),
 }
 HELP = {
@@ -86,6 +86,7 @@ HELP = {
     "global_size": "Side of the global crops in pixels.",
     "local_size": "Side of the local crops in pixels.",
     "blur_radius": "Gaussian blur radius range in pixels (scale it down for small crops).",
+    "color_jitter": "Strength s of the colour jitter, ColorJitter(0.4s, 0.4s, 0.2s, 0.1s) with p 0.8 (1: the paper's).",
     "knn_every": "Online 20-NN accuracy on a held-back labelled split every N epochs (0: never).",
     "stop_on_collapse": "Stop (exit code 3) when the teacher stayed collapsed for a whole epoch after the first; "
                         "off by default for the ablations --no_centering, --no_sharpening, --momentum_teacher 0.",
@@ -279,7 +280,7 @@ def main(args):
     # ============ data: 2 global + N local views per image ============
     transform = augment.MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale,
                                               args.local_crops_number, args.global_size, args.local_size,
-                                              args.blur_radius)
+                                              args.blur_radius, args.color_jitter)
     dataset = MultiCropDataset(data.build_dataset(args.data, "train"), transform, args.seed)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
