@@ -5,12 +5,13 @@
     python benchmark.py --arch vit_tiny --depth 2 --out_dim 4096 --no_baseline --no_aug   # a quick look
     python benchmark.py --profile 2          # where the time of our step goes (torch.profiler, top ops)
 
-Sections, measured in one run on one machine: (1) our step, train.py's `# --- DINO step ---` block built from its
-functions; median of --steps after --warmup; FLOPs counted once with FlopCounterMode (teacher forward, student
-forward+backward, loss; attention as its matmuls whatever kernel runs it); MFU = achieved FLOP/s over the best FLOP/s
-of a square matmul in the precision used, measured here. (2) The official step as shipped (main_dino.py, re-written
-here): fp32 on CPU (its autocast is CUDA's fp16), attention matrix materialised, the loss as a double loop over crop
-pairs, two host syncs per parameter in clipping, the default AdamW (a for-loop on CPU), EMA as a loop, loss.item().
+Sections, measured in one run on one machine: (1) our step: train.train_one_step itself, the function train.py's
+loop runs (schedules held at their base values, past the frozen-last-layer epochs); median of --steps after
+--warmup; FLOPs counted once with FlopCounterMode (teacher forward, student forward+backward, loss; attention as its
+matmuls whatever kernel runs it); MFU = achieved FLOP/s over the best FLOP/s of a square matmul in the precision
+used, measured here. (2) The official step as shipped (main_dino.py, re-written here): fp32 on CPU (its autocast is
+CUDA's fp16), attention matrix materialised, the loss as a double loop over crop pairs, two host syncs per
+parameter in clipping, the default AdamW (a for-loop on CPU), EMA as a loop, loss.item().
 (3) The multi-crop augmentation per image per loader worker (2x224 + 8x96 of a 500x375 image, 1 process, 1 thread):
 augment.MultiCropAugmentation against the official torchvision/PIL pipeline ending in ToTensor + Normalize.
 The last line is one JSON object. Timings on a busy machine are not final: the load average is printed.
@@ -34,6 +35,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import augment
+import checkpoint
 import train
 import vit
 from loss import DINOLoss
@@ -181,33 +183,16 @@ def make_step(targs, device, precision, official=False):
     crops_u8 = [torch.randint(0, 256, (B, 3, s, s), dtype=torch.uint8) for s in sizes]  # what our loader yields
     crops_f32 = [augment.normalize(c) for c in crops_u8]  # what the official loader yields (normalised in workers)
     lr, wd, m = targs.lr * B / 256, targs.weight_decay, targs.momentum_teacher
-    teacher_params, student_params = list(teacher.parameters()), list(student.parameters())
 
-    def schedules():
+    def step():  # train.py's step itself: what its loop runs, whatever changes in it later
+        return train.train_one_step(student, teacher, dino_loss, optimizer, scaler, autocast, crops_u8, epoch,
+                                    lr, wd, m, targs)
+
+    def official_step():  # main_dino.py train_one_epoch
         for i, pg in enumerate(optimizer.param_groups):
             pg["lr"] = lr
             if i == 0:  # only the weight matrices are decayed
                 pg["weight_decay"] = wd
-
-    def step():  # train.py's step, line for line
-        schedules()
-        crops = [augment.normalize(c.to(device, non_blocking=True)) for c in crops_u8]  # uint8 -> float
-        with autocast:
-            teacher_output = teacher(crops[:2])  # (2·B, K): the teacher sees the global views only
-            student_output = student(crops)  # (ncrops·B, K)
-            loss = dino_loss(student_output, teacher_output, epoch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if targs.clip_grad:
-            scaler.unscale_(optimizer)
-            train.clip_gradients(student, targs.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        train.update_teacher(teacher_params, student_params, m)
-        return loss.detach()
-
-    def official_step():  # main_dino.py train_one_epoch
-        schedules()
         images = [im.to(device, non_blocking=True) for im in crops_f32]
         with autocast:
             teacher_output = teacher(images[:2])
@@ -367,6 +352,6 @@ def main(a):
 if __name__ == "__main__":
     try:
         main(get_args())
-    except (train.UserError, vit.CheckpointError) as e:  # bad flags: one line, exit code 2, no traceback
+    except (train.UserError, checkpoint.CheckpointError) as e:  # bad flags: one line, exit code 2, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -11,7 +11,7 @@ ViT-S/16, 800 epochs): 74.5% top-1 with k = 20.
     torchrun --nproc_per_node=8 eval_knn.py CKPT --data /path/imagenet     # features extracted in parallel
 
 Also used by train.py as an online monitor (Fig. 7-style curves of k-NN accuracy during training):
-    sets = monitor_datasets("shapes", 64); top1 = monitor_top1(teacher.backbone, *sets, device=device)
+    sets = monitor_datasets("scatter", 64); top1 = monitor_top1(teacher.backbone, *sets, device=device)
 """
 import argparse
 import os
@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 import augment
+import checkpoint
 import data as data_lib
+import distributed
 import vit
 
 
@@ -80,13 +82,6 @@ class _WithIndex(Dataset):
         return image, label, i
 
 
-def _all_gather(t):
-    """(b, ...) on each process -> (world·b, ...) on every process (DistributedSampler makes all b equal)."""
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)  # (world*b, ...)
-
-
 @torch.no_grad()
 def extract_features(model, dataset, device, batch_size=128, num_workers=0, progress=True):
     """Run `model` (any callable: normalised float images (B, 3, H, W) -> (B, D)) on every image of `dataset`.
@@ -97,18 +92,18 @@ def extract_features(model, dataset, device, batch_size=128, num_workers=0, prog
     """
     if len(dataset) == 0:
         raise ValueError("cannot extract features of an empty dataset")
-    distributed = dist.is_available() and dist.is_initialized()
-    sampler = DistributedSampler(dataset, shuffle=False) if distributed else None  # pads to a multiple of world
+    sharded = dist.is_available() and dist.is_initialized()
+    sampler = DistributedSampler(dataset, shuffle=False) if sharded else None  # pads to a multiple of world
     loader = DataLoader(_WithIndex(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         pin_memory=device.type == "cuda", drop_last=False)
-    show = progress and (not distributed or dist.get_rank() == 0)
+    show = progress and (not sharded or dist.get_rank() == 0)
     features = labels = None
     for images, targets, index in tqdm(loader, desc="features", disable=not show, leave=False):
         images = augment.normalize(images.to(device, non_blocking=True))  # uint8 -> float, ImageNet mean/std
         feats = model(images).float()  # (b, D); fp32 storage even if the caller runs under autocast
         targets, index = targets.to(device), index.to(device)
-        if distributed:
-            feats, targets, index = _all_gather(feats), _all_gather(targets), _all_gather(index)  # (world*b, ...)
+        if sharded:
+            feats, targets, index = (distributed.all_gather(t) for t in (feats, targets, index))  # (world*b, ...)
         if features is None:
             features = torch.zeros(len(dataset), feats.shape[-1], device=device)  # (N, D)
             labels = torch.zeros(len(dataset), dtype=torch.long, device=device)  # (N,)
@@ -152,80 +147,15 @@ def monitor_top1(model, train_dataset, val_dataset, device, k=20, temperature=0.
     return top1
 
 
-# ----------------------------------------------------------------------------- checkpoints, data, processes
-# (shared with eval_linear.py)
-
-def load_backbone(path, arch=None, patch_size=None, checkpoint_key="teacher"):
-    """Build the ViT that `path` was trained with and load its weights. Returns (model, saved training args).
-
-    Our checkpoints and official training checkpoints carry their args (arch, patch_size); a bare released
-    backbone file does not, and then `arch` and `patch_size` must be given. Explicit values win. Our args also give
-    the depth and training resolution (a CPU run may train fewer blocks than the paper's 12).
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = vit.load_checkpoint_file(path)
-    if not isinstance(ckpt, dict):
-        raise vit.CheckpointError(f"{path} does not hold a state dict (found {type(ckpt).__name__})")
-    saved = ckpt.get("args")
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved) if isinstance(saved, dict) else {}
-    del ckpt  # load_pretrained_weights reads the file again: keep one copy in memory at a time
-    arch = arch or saved.get("arch")
-    patch_size = patch_size or saved.get("patch_size") or saved.get("patch")
-    if not arch or not patch_size:
-        raise vit.CheckpointError(f"{path} has no saved training args (a bare backbone file?): "
-                                  "pass --arch and --patch, e.g. --arch vit_small --patch 16")
-    archs = getattr(vit, "ARCHS", {name: getattr(vit, name) for name in ("vit_tiny", "vit_small", "vit_base")})
-    if arch not in archs:
-        raise vit.CheckpointError(f"unknown architecture '{arch}' (choose from {', '.join(archs)})")
-    shape = {"depth": saved["depth"]} if saved.get("depth") else {}
-    if saved.get("global_size"):
-        shape["img_size"] = saved["global_size"]  # the stored pos_embed grid (other sizes are interpolated)
-    model = archs[arch](patch_size=int(patch_size), **shape)
-    vit.load_pretrained_weights(model, path, checkpoint_key)
-    return model, {**saved, "arch": arch, "patch_size": int(patch_size)}  # the values actually used
-
-
-def resolve_data(data, saved):
-    """--data, else the data the checkpoint was trained on, else the embedded dataset. (build_dataset also accepts
-    the `/path/imagenet/train` a training run may have saved: it finds the sibling val/.)"""
-    return data or saved.get("data") or data_lib.DEFAULT_DATA
-
-
-def eval_image_size(image_size, saved):
-    """--image_size, else the training global crop size (ours saves it; official runs used 224)."""
-    return int(image_size or saved.get("global_size") or 224)
-
-
-def setup_distributed():
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1). Returns (device, rank)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, dist.get_rank() if dist.is_initialized() else 0
-
-
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def one_line_error(e):
-    return "error: " + " ".join(str(e).split())
-
-
 # ----------------------------------------------------------------------------- command line
 
 def get_args_parser():
     p = argparse.ArgumentParser("eval_knn.py", description="Weighted k-NN on frozen DINO features (Sec. 3.2).")
     p.add_argument("checkpoint", nargs="?", help="our OUT/checkpoint.pth, an official training checkpoint or a "
                    "released backbone file (not needed with --load_features)")
-    p.add_argument("--data", default=None, help="'shapes' (embedded) or a folder with train/ and val/ class folders; "
-                   "default: the data the checkpoint was trained on, else 'shapes'")
+    p.add_argument("--data", default=None, help=f"an embedded dataset ({', '.join(data_lib.VARIANTS)}) or a folder "
+                   f"with train/ and val/ class folders; default: the data the checkpoint was trained on, else "
+                   f"'{data_lib.DEFAULT_DATA}'")
     p.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int,
                    help="numbers of neighbours to try; 20 usually works best (default: %(default)s)")
     p.add_argument("--temperature", default=0.07, type=float,
@@ -254,21 +184,21 @@ FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels
 
 
 def run(args):
-    device, rank = setup_distributed()
+    rank, _, device = distributed.init()
     num_classes = None
     if args.load_features:
-        tensors = [vit.load_checkpoint_file(os.path.join(args.load_features, f)).to(device) for f in FEATURE_FILES]
+        tensors = [checkpoint.load(os.path.join(args.load_features, f)).to(device) for f in FEATURE_FILES]
         train_features, test_features, train_labels, test_labels = tensors
     else:
-        model, saved = load_backbone(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key)
+        model, saved = vit.from_checkpoint(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key)
         if args.random_init:  # same shape, fresh weights: what the features owe to training
             torch.manual_seed(0)
-            shape = {k: saved[s] for k, s in (("depth", "depth"), ("img_size", "global_size")) if saved.get(s)}
-            model = vit.ARCHS[saved["arch"]](patch_size=saved["patch_size"], **shape)
+            model = vit.build_like(saved)
         if args.raw_pixels:  # (B, 3, H, W) normalised pixels -> (B, 3*H*W)
             model = torch.nn.Flatten()
         model.to(device).eval()
-        size, data = eval_image_size(args.image_size, saved), resolve_data(args.data, saved)
+        size = checkpoint.eval_image_size(args.image_size, saved)
+        data = args.data or saved.get("data") or data_lib.DEFAULT_DATA  # else the data it was trained on
         transform = augment.eval_transform(size)
         train_dataset = data_lib.build_dataset(data, "train", transform)
         val_dataset = data_lib.build_dataset(data, "val", transform)
@@ -291,17 +221,7 @@ def run(args):
             top1, top5 = knn_classifier(train_features, train_labels, test_features, test_labels, k,
                                         args.temperature, num_classes)
             print(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5}")
-    cleanup_distributed()
-
-
-def run_cli(run, args):
-    """Run a script; a user mistake (missing file, not a checkpoint, wrong arch, bad data folder) is one line + 2."""
-    try:
-        run(args)
-    except (OSError, ValueError) as e:  # DataError and CheckpointError are ValueErrors
-        print(one_line_error(e), file=sys.stderr)
-        return 2
-    return 0
+    distributed.cleanup()
 
 
 def main(argv=None):
@@ -309,7 +229,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.load_features:
         parser.error("a checkpoint is required (or --load_features DIR)")
-    return run_cli(run, args)
+    try:
+        run(args)
+    except (OSError, ValueError) as e:  # missing file, not a checkpoint, wrong arch, bad data folder: one line
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -27,9 +27,11 @@ import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, DistributedSampler
 
 import augment
+import checkpoint
 import data as data_lib
-from eval_knn import (cleanup_distributed, eval_image_size, extract_features, load_backbone, resolve_data, run_cli,
-                      setup_distributed)
+import distributed
+import vit
+from eval_knn import extract_features  # frozen features, as k-NN takes them (sharded under torchrun)
 
 
 def block_features(model, images, n_last_blocks=4, avgpool_patchtokens=False):
@@ -153,8 +155,9 @@ def train_linear(linear, train_loader, val_loader, epochs, lr, device, embed=Non
 def get_args_parser():
     p = argparse.ArgumentParser("eval_linear.py", description="Linear probe on frozen DINO features (Sec. 3.2).")
     p.add_argument("checkpoint", help="our OUT/checkpoint.pth, an official training checkpoint or a released backbone")
-    p.add_argument("--data", default=None, help="'shapes' (embedded) or a folder with train/ and val/ class folders; "
-                   "default: the data the checkpoint was trained on, else 'shapes'")
+    p.add_argument("--data", default=None, help=f"an embedded dataset ({', '.join(data_lib.VARIANTS)}) or a folder "
+                   f"with train/ and val/ class folders; default: the data the checkpoint was trained on, else "
+                   f"'{data_lib.DEFAULT_DATA}'")
     p.add_argument("--epochs", default=100, type=int, help="training epochs of the linear layer (default: %(default)s)")
     p.add_argument("--lr", default=0.001, type=float, help="learning rate for a total batch of 256, scaled linearly "
                    "with the batch size; worth tuning per checkpoint, as the official code advises (default: "
@@ -185,18 +188,18 @@ def get_args_parser():
 
 
 def run(args):
-    device, rank = setup_distributed()
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world, device = distributed.init()
     log = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    model, saved = load_backbone(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key)
+    model, saved = vit.from_checkpoint(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key)
     model.to(device).eval().requires_grad_(False)
     is_base = saved["arch"] == "vit_base"
     n = args.n_last_blocks or (1 if is_base else 4)
     avgpool = bool(is_base if args.avgpool_patchtokens is None else args.avgpool_patchtokens)
     if not 1 <= n <= len(model.blocks):
         raise ValueError(f"--n_last_blocks {n}: the model has {len(model.blocks)} blocks")
-    size, data = eval_image_size(args.image_size, saved), resolve_data(args.data, saved)
+    size = checkpoint.eval_image_size(args.image_size, saved)
+    data = args.data or saved.get("data") or data_lib.DEFAULT_DATA  # else the data it was trained on
     cache = bool(data in data_lib.VARIANTS if args.cache_features is None else args.cache_features)
     val_tf = augment.eval_transform(size)
     train_dataset = data_lib.build_dataset(data, "train", val_tf if cache else train_transform(size))
@@ -241,11 +244,17 @@ def run(args):
         top5 = f", Top5: {last['acc5']:.2f}" if last.get("acc5") is not None else ""
         print(f"Linear probe result: Top1: {last.get('acc1', 0.0):.2f}{top5} (best Top1: {best:.2f}); "
               f"saved {os.path.join(output_dir, 'linear.pth')}")
-    cleanup_distributed()
+    distributed.cleanup()
 
 
 def main(argv=None):
-    return run_cli(run, get_args_parser().parse_args(argv))
+    args = get_args_parser().parse_args(argv)
+    try:
+        run(args)
+    except (OSError, ValueError) as e:  # missing file, not a checkpoint, wrong arch, bad data folder: one line
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

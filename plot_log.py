@@ -94,9 +94,9 @@ def main(argv=None):
 def saved_out_dim(ckpt_path):
     if not os.path.isfile(ckpt_path):
         return None
-    import vit  # torch is only needed for this look-up
+    import checkpoint  # torch is only needed for this look-up
     try:
-        return int(vit.load_checkpoint_file(ckpt_path)["args"]["out_dim"])
+        return int(checkpoint.load(ckpt_path)["args"]["out_dim"])
     except Exception:  # an unreadable checkpoint just means raw entropy
         return None
 

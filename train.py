@@ -4,12 +4,14 @@
     python train.py --data /path/to/images            # the paper recipe on an image folder (one GPU)
     torchrun --nproc_per_node=8 train.py --arch vit_small --patch 16 --data /path/imagenet/train
 
-The same file runs under `python` and `torchrun` (gloo on CPU, nccl on CUDA). Re-running the same command in
-the same --output_dir resumes; SIGINT/SIGTERM saves a checkpoint at the next step boundary.
-Outputs: OUT/checkpoint.pth (resumable), OUT/log.txt (one JSON line per epoch).
+Read `train_one_step` first: it is the DINO step of Alg. 1 and nothing else (train.py's loop, benchmark.py and the
+tests all run this one function). `main` builds the data, the two networks and the schedules and loops over the
+steps; the bookkeeping of a long run (resume, signals, non-finite losses, logs, checkpoints) is in small helpers
+below it. The same file runs under `python` and `torchrun` (distributed.py). Re-running the same command in the
+same --output_dir resumes; SIGINT/SIGTERM saves a checkpoint at the next step boundary.
+Outputs: OUT/checkpoint.pth (resumable; checkpoint.py), OUT/log.txt (one JSON line per epoch).
 """
 import argparse
-import datetime
 import json
 import math
 import os
@@ -26,13 +28,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 import augment
+import checkpoint
 import data
+import distributed
+import eval_knn
 import exercises
 import vit
 from head import DINOHead
 from loss import DINOLoss, koleo_loss
 
-# Recipes. The paper's (Sec. 3.2, App.; DESIGN.md §5) and a small one that learns on 2 CPU cores in ~10 minutes.
+# Recipes: the paper's (Sec. 3.2 "Implementation details") and a small one that learns on 2 CPU cores in ~10 minutes.
 # Every value can be overridden by its flag; the help of each flag prints both presets.
 PRESETS = {
     "paper": dict(arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=True, momentum_teacher=0.996,
@@ -41,16 +46,16 @@ PRESETS = {
                   weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0, batch_size=64, epochs=100,
                   freeze_last_layer=1, lr=0.0005, warmup_epochs=10, min_lr=1e-6, drop_path_rate=0.1,
                   global_crops_scale=(0.4, 1.0), local_crops_number=10, local_crops_scale=(0.05, 0.4),
-                  global_size=224, local_size=96, blur_radius=(0.1, 2.0), color_jitter=1.0, depth=12, knn_every=0, num_workers=10,
-                  stop_on_collapse=False),
+                  global_size=224, local_size=96, blur_radius=(0.1, 2.0), color_jitter=1.0, depth=12, knn_every=0,
+                  num_workers=10, stop_on_collapse=False),
     "cpu": dict(arch="vit_tiny", patch_size=8, out_dim=256, norm_last_layer=True, momentum_teacher=0.95,
                 centering="ema", koleo_weight=0.1, center_momentum=0.0, warmup_teacher_temp=0.02,
                 teacher_temp=0.02, warmup_teacher_temp_epochs=0,
                 weight_decay=0.04, weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=8,
                 freeze_last_layer=0, lr=0.002, warmup_epochs=1, min_lr=1e-5, drop_path_rate=0.0,
                 global_crops_scale=(0.4, 1.0), local_crops_number=4, local_crops_scale=(0.05, 0.4),
-                global_size=64, local_size=32, blur_radius=(0.1, 0.45), color_jitter=1.0, depth=4, knn_every=1, num_workers=0,
-                stop_on_collapse=True),
+                global_size=64, local_size=32, blur_radius=(0.1, 0.45), color_jitter=1.0, depth=4, knn_every=1,
+                num_workers=0, stop_on_collapse=True),
 }
 HELP = {
     "arch": "ViT size (vit_tiny, vit_small, vit_base).",
@@ -95,19 +100,22 @@ HELP = {
 # changing these on resume would silently change the schedules or the model
 SCHEDULE_KEYS = ["arch", "patch_size", "depth", "out_dim", "epochs", "batch_size", "world_size", "lr", "min_lr",
                  "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher", "centering", "koleo_weight",
-                 "center_momentum",
-                 "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs", "freeze_last_layer",
-                 "local_crops_number", "data", "global_size", "local_size", "seed", "no_centering", "no_sharpening"]
+                 "center_momentum", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
+                 "freeze_last_layer", "local_crops_number", "data", "global_size", "local_size", "seed",
+                 "no_centering", "no_sharpening"]
 
 
 class UserError(Exception):
     """A mistake in the command or the files: reported as one line, exit code 2."""
 
 
+# ============ the command line ============
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, help="Recipe the other flags default to (cpu for the embedded "
                    "data, paper for an image folder); explicit flags override it.")
+    # One flag per key of PRESETS (--arch, --patch, --out_dim, ..., --lr, --epochs, ...), with the help of HELP and
+    # both presets' values; its default (None here) is filled in from the chosen preset below.
     for k, v in PRESETS["paper"].items():
         names = {"patch_size": ["--patch", "--patch_size"], "batch_size": ["--batch_size", "--batch_size_per_gpu"]}
         kw = dict(default=None, help=f"{HELP[k]} (cpu: {PRESETS['cpu'][k]}; paper: {v})")
@@ -118,8 +126,9 @@ def get_args(argv=None):
         else:
             kw.update(type=type(v))
         p.add_argument(*names.get(k, [f"--{k}"]), dest=k, **kw)
+    others = ", ".join(v for v in data.VARIANTS if v != data.DEFAULT_DATA)
     p.add_argument("--data", default=data.DEFAULT_DATA, help=f"'{data.DEFAULT_DATA}' (embedded, offline; also "
-                   f"{', '.join(v for v in data.VARIANTS if v != data.DEFAULT_DATA)}) or an image folder of class sub-folders (labels are never used for training; "
+                   f"{others}) or an image folder of class sub-folders (labels are never used for training; "
                    "ROOT/train is used if present).")
     p.add_argument("--output_dir", default="out", help="Checkpoints and log; re-running in it resumes.")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -130,7 +139,8 @@ def get_args(argv=None):
     p.add_argument("--exercise", nargs="+", default=[], metavar="NAME", help="Train with your own solutions of "
                    f"EXERCISES.md in place of the reference code ({' '.join(exercises.EXERCISES)}, or all); check "
                    "each first with python -m pytest --exercise NAME.")
-    p.add_argument("--saveckp_freq", default=0, type=int, help="Also keep checkpointNNNN.pth every N epochs (0: never).")
+    p.add_argument("--saveckp_freq", default=0, type=int,
+                   help="Also keep checkpointNNNN.pth every N epochs (0: never).")
     p.add_argument("--stop_after_epoch", default=None, type=int, help="Save and stop after this epoch (for time-"
                    "limited jobs); re-run without it to continue.")
     p.add_argument("--seed", default=0, type=int, help="Random seed (weights, views, order).")
@@ -168,6 +178,7 @@ def presets_table():
     return "\n".join(rows)
 
 
+# ============ the views and the networks ============
 class MultiCropDataset(Dataset):
     """The views of image i in epoch e come from a generator seeded with (seed, e, i): reproducible anywhere."""
 
@@ -183,8 +194,24 @@ class MultiCropDataset(Dataset):
         return self.transform(img, g)
 
 
+def multicrop_data(args, rank, world):
+    """The training images, each giving 2 global + N local views, shuffled and sharded over the processes.
+    Returns (dataset, sampler, iterations per epoch)."""
+    transform = augment.MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale,
+                                              args.local_crops_number, args.global_size, args.local_size,
+                                              args.blur_radius, args.color_jitter)
+    dataset = MultiCropDataset(data.build_dataset(args.data, "train"), transform, args.seed)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    niter_per_ep = len(sampler) // args.batch_size
+    if niter_per_ep == 0:
+        raise UserError(f"--batch_size {args.batch_size} x {world} processes is more than the {len(dataset)} images")
+    return dataset, sampler, niter_per_ep
+
+
 class MultiCropWrapper(nn.Module):
-    """Backbone once per crop resolution (global crops batched together, local crops together), head once."""
+    """g = head ∘ backbone, the network that the student and the teacher both are (Sec. 3.1). The backbone runs
+    once per crop resolution (the global crops batched together, the local crops together), the head once."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -208,6 +235,7 @@ def build_model(args, drop_path_rate):
     return MultiCropWrapper(backbone, DINOHead(backbone.embed_dim, args.out_dim, norm_last_layer=args.norm_last_layer))
 
 
+# ============ optimisation: schedules, weight-decay groups, clipping, the momentum teacher ============
 def cosine_schedule(base, final, epochs, niter_per_ep, warmup_epochs=0, start_warmup=0.0):
     """One value per iteration: linear warm-up from start_warmup to base, then cosine from base to final."""
     warmup = np.linspace(start_warmup, base, int(warmup_epochs * niter_per_ep))
@@ -242,6 +270,130 @@ def update_teacher(teacher_params, student_params, m):
     torch._foreach_lerp_(teacher_params, student_params, 1 - m)  # θ_t + (1 − m)(θ_s − θ_t), one pass
 
 
+# ============ the DINO step (Alg. 1) ============
+def train_one_step(student, teacher, dino_loss, optimizer, scaler, autocast, crops, epoch, lr, wd, momentum, args):
+    """One iteration of Alg. 1 on a batch of multi-crop views; returns the loss (a tensor: no host sync).
+
+    `crops`: the views as the loader yields them, uint8 (B, 3, H, W) each, the 2 global ones first. `lr`, `wd`,
+    `momentum`: this iteration's values of the schedules. `student` may be wrapped in DistributedDataParallel
+    (its gradients are then averaged over the processes); `autocast` is the one mixed-precision context (disabled
+    for fp32). `args` gives clip_grad, freeze_last_layer and koleo_weight."""
+    net = student.module if isinstance(student, DistributedDataParallel) else student
+    device = next(teacher.parameters()).device
+    # --- DINO step ---
+    for i, pg in enumerate(optimizer.param_groups):
+        pg["lr"] = float(lr)
+        if i == 0:  # only the weight matrices are decayed
+            pg["weight_decay"] = float(wd)
+    crops = [augment.normalize(c.to(device, non_blocking=True)) for c in crops]  # uint8 -> float
+    with autocast:
+        teacher_output = teacher(crops[:2])  # (2·B, K): "only the global views are passed through the teacher"
+        student_output, student_features = student(crops, return_features=True)  # (ncrops·B, K): every view
+        loss = dino_loss(student_output, teacher_output, epoch)  # Eq. 3: H(P_t(x), P_s(x')) over pairs x ≠ x'
+        if args.koleo_weight:  # DINOv2: spread the [CLS] features of each global view over the batch
+            globals_ = student_features[:teacher_output.shape[0]].chunk(2)  # 2 x (B, D)
+            loss = loss + args.koleo_weight * sum(koleo_loss(f) for f in globals_)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # gradients reach the student only ("stop-gradient" on the teacher)
+    if args.clip_grad:
+        scaler.unscale_(optimizer)
+        clip_gradients(net, args.clip_grad)
+    if epoch < args.freeze_last_layer:  # "freezing the last layer during the first epoch helps" (App.)
+        for p in net.head.last_layer.parameters():
+            p.grad = None
+    scaler.step(optimizer)
+    scaler.update()
+    update_teacher(list(teacher.parameters()), list(net.parameters()), momentum)  # θt ← m θt + (1 − m) θs
+    # --- end of DINO step ---
+    return loss.detach()
+
+
+# ============ Alg. 1 with its data, networks and schedules ============
+def main(args):
+    exercises.install(args.exercise, error=UserError)  # EXERCISES.md: the student's functions, if any
+    rank, world, device = distributed.init()
+    precision = resolve_precision(args.precision, device)
+    args.world_size = world
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+
+    # ============ data: 2 global + N local views per image (Sec. 3.1 "multi-crop") ============
+    dataset, sampler, niter_per_ep = multicrop_data(args, rank, world)
+    # held-back labelled images for the online k-NN monitor (labels serve evaluation only, never training)
+    knn_sets = eval_knn.monitor_datasets(args.data, args.global_size, 2500, 1000) if args.knn_every else None
+
+    # ============ student and teacher: same architecture, same initial weights ============
+    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts it)
+    student = build_model(args, args.drop_path_rate).to(device)
+    teacher = build_model(args, 0.0).to(device)  # no drop-path in the teacher
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)  # the teacher is never trained by gradients, only by the EMA of the student
+    student_ddp = DistributedDataParallel(student) if dist.is_initialized() else student
+    torch.manual_seed(args.seed + rank)  # from here: drop-path draws, different on every rank
+    dino_loss = DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, args.epochs, center_momentum=args.center_momentum,
+                         centering="none" if args.no_centering else args.centering,
+                         sharpening=not args.no_sharpening).to(device)
+    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                              enabled=precision in ("bf16", "fp16"))
+
+    # ============ schedules: one value per iteration (Sec. 3.2 "Implementation details") ============
+    lr_schedule = cosine_schedule(args.lr * args.batch_size * world / 256, args.min_lr, args.epochs, niter_per_ep,
+                                  args.warmup_epochs)  # "linear scaling rule: lr = 0.0005 * batchsize/256"
+    wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep)
+    momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, niter_per_ep)
+    if args.momentum_teacher == 0:  # ablation (Table 6 "student copy"): the teacher is the student, every step
+        momentum_schedule[:] = 0.0
+
+    # ============ the loop: one DINO step per batch, then the epoch's log and checkpoint ============
+    parts = dict(student=student, teacher=teacher, optimizer=optimizer, scaler=scaler, dino_loss=dino_loss)
+    it, history, resumed_sums = resume(ckpt_path, parts, args, niter_per_ep, rank)
+    if it >= args.epochs * niter_per_ep:
+        return print_once(rank, f"training already finished ({args.epochs} epochs) in {args.output_dir}; use "
+                          "another --output_dir to train again")
+    stop = catch_stop_signals()
+    print_once(rank, f"{args.arch}/{args.patch_size} depth {args.depth}, K={args.out_dim}, {dino_loss.ncrops} crops, "
+               f"{len(dataset)} images, {world} process(es) x {args.batch_size}, {precision} on {device}, "
+               f"{args.epochs} epochs")
+    for epoch in range(it // niter_per_ep, args.epochs):
+        done = it - epoch * niter_per_ep  # iterations of this epoch already run (mid-epoch resume)
+        loader = epoch_loader(dataset, sampler, epoch, done, args, device)
+        meter = EpochMeter(device, resumed_sums if done else None)  # resumed midway: the log covers the whole epoch
+        resumed_sums = None
+        bar = tqdm(loader, total=niter_per_ep, initial=done, desc=f"epoch {epoch}", disable=rank != 0,
+                   dynamic_ncols=True, leave=False)
+        for crops in bar:
+            loss = train_one_step(student_ddp, teacher, dino_loss, optimizer, scaler, autocast, crops, epoch,
+                                  lr_schedule[it], wd_schedule[it], momentum_schedule[it], args)
+            meter.add(loss, dino_loss.stats, it, crops[0].shape[0] * world)
+            it += 1
+            if it % args.log_every == 0 or stop["signal"]:
+                meter.check_finite(niter_per_ep, ckpt_path)  # the one host sync, at intervals
+                if rank == 0:
+                    bar.set_postfix(meter.postfix(loss, dino_loss.stats))
+            if stop_requested(stop, it, args.log_every, device):
+                meter.check_finite(niter_per_ep, ckpt_path)
+                state = training_state(parts, it, niter_per_ep, args, history, meter.sums)
+                save_and_exit(state, ckpt_path, epoch, stop, rank)
+        bar.close()
+        meter.check_finite(niter_per_ep, ckpt_path)
+        log = {"epoch": epoch, **meter.means(), "lr": float(lr_schedule[it - 1]), "wd": float(wd_schedule[it - 1]),
+               "momentum": float(momentum_schedule[it - 1]), "teacher_temp": dino_loss.teacher_temp(epoch),
+               "img_per_s": meter.img_per_s()}
+        if args.knn_every and (epoch + 1) % args.knn_every == 0:
+            log["knn_top1"] = eval_knn.monitor_top1(teacher.backbone, *knn_sets, device=device)
+        history.append(log)
+        save_epoch(training_state(parts, it, niter_per_ep, args, history, None), log, args, rank)
+        stop_if_collapsed(log, args, rank)
+        if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
+            print_once(rank, f"stopped after epoch {epoch} as asked; re-run without --stop_after_epoch to continue")
+            break
+    return student, teacher, dino_loss
+
+
+# ============ the bookkeeping of a long run ============
 def resolve_precision(precision, device):
     if precision == "auto":
         ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -249,211 +401,92 @@ def resolve_precision(precision, device):
     return precision
 
 
-def init_distributed():
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; plain `python` runs as a single process without a group."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=datetime.timedelta(minutes=30))  # a dead rank fails the others, not hangs
-        return dist.get_rank(), dist.get_world_size(), local_rank
-    return 0, 1, 0
+def print_once(rank, *message, **kw):
+    """print on the first process only (the others run the same code silently)."""
+    if rank == 0:
+        print(*message, **kw)
 
 
-def save_checkpoint(state, path):
-    """Atomic: write a temporary file, then rename over the old one (a crash mid-save keeps the previous)."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def epoch_loader(dataset, sampler, epoch, done, args, device):
+    """This epoch's batches, in this epoch's shuffled order, from batch `done` on (a mid-epoch resume skips what
+    was trained). The views are drawn per (seed, epoch, image): a resumed epoch gets the same ones."""
+    sampler.set_epoch(epoch)
+    dataset.epoch = epoch
+    indices = list(sampler)[done * args.batch_size:]
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=indices, num_workers=args.num_workers,
+                      drop_last=True, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(args.seed + epoch))
 
 
-def main(args):
-    exercises.install(args.exercise, error=UserError)  # EXERCISES.md: the student's functions, if any
-    rank, world, local_rank = init_distributed()
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    precision = resolve_precision(args.precision, device)
-    args.world_size = world
-    os.makedirs(args.output_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+class EpochMeter:
+    """Running sums of the loss, the teacher entropy h(P_t) and KL(P_t ‖ P_s) (Fig. 7) over an epoch, kept on the
+    device: nothing in the step waits for the host. The first non-finite loss is remembered, checked at intervals."""
 
-    # ============ data: 2 global + N local views per image ============
-    transform = augment.MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale,
-                                              args.local_crops_number, args.global_size, args.local_size,
-                                              args.blur_radius, args.color_jitter)
-    dataset = MultiCropDataset(data.build_dataset(args.data, "train"), transform, args.seed)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
-    niter_per_ep = len(sampler) // args.batch_size
-    if niter_per_ep == 0:
-        raise UserError(f"--batch_size {args.batch_size} x {world} processes is more than the {len(dataset)} images")
-    knn_sets = load_knn_sets(args) if args.knn_every else None
+    def __init__(self, device, sums=None):
+        self.sums = torch.zeros(4, device=device) if sums is None else sums.to(device)  # loss, h, KL, steps
+        self.first_bad = torch.full((), -1, device=device)  # iteration of the first non-finite loss, or -1
+        self.t0, self.seen = time.time(), 0
 
-    # ============ student and teacher: same architecture, same initial weights ============
-    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts it)
-    student = build_model(args, args.drop_path_rate).to(device)
-    teacher = build_model(args, 0.0).to(device)
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad = False  # the teacher is never trained by gradients, only by EMA
-    student_ddp = DistributedDataParallel(student) if dist.is_initialized() else student
-    torch.manual_seed(args.seed + rank)  # from here: drop-path draws, different on every rank
-    ncrops = 2 + args.local_crops_number
-    dino_loss = DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
-                         args.warmup_teacher_temp_epochs, args.epochs, center_momentum=args.center_momentum,
-                         centering="none" if args.no_centering else args.centering,
-                         sharpening=not args.no_sharpening).to(device)
-    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
-    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, **fused)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    def add(self, loss, stats, it, n_images):
+        one = torch.ones((), device=loss.device)
+        self.sums += torch.stack([loss.float(), stats["teacher_entropy"], stats["kl"], one])
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), it, self.first_bad)
+        self.seen += n_images
 
-    # ============ schedules: one value per iteration ============
-    lr_schedule = cosine_schedule(args.lr * args.batch_size * world / 256, args.min_lr, args.epochs, niter_per_ep,
-                                  args.warmup_epochs)
-    wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep)
-    momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, niter_per_ep)
-    if args.momentum_teacher == 0:  # ablation (Table 6 "student copy"): the teacher is the student, every step
-        momentum_schedule[:] = 0.0
+    def check_finite(self, niter_per_ep, ckpt_path):
+        bad = int(self.first_bad)
+        if bad >= 0:
+            kept = f"the last good checkpoint is {ckpt_path}" if os.path.isfile(ckpt_path) else \
+                "no checkpoint was written"
+            raise UserError(f"loss is not finite at epoch {bad // niter_per_ep}, iteration {bad}; stopped ({kept}). "
+                            "Try a lower --lr, --clip_grad 3, a lower --teacher_temp or --precision fp32")
 
-    # ============ resume ============
-    start_it, history, resume_sums = 0, [], None
-    if os.path.isfile(ckpt_path):
-        ckpt = vit.load_checkpoint_file(ckpt_path)
-        changed = [f"--{k} was {ckpt['args'][k]}, now {vars(args)[k]}" for k in SCHEDULE_KEYS if k in ckpt["args"]
-                   and ckpt["args"][k] != vars(args)[k] and not isinstance(ckpt["args"][k], (list, tuple))]
-        if changed:
-            raise UserError(f"cannot resume {ckpt_path}: {'; '.join(changed)} (this would break the schedules); "
-                            f"use another --output_dir or the same flags")
-        student.load_state_dict(ckpt["student"])
-        teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        dino_loss.load_state_dict(ckpt["dino_loss"])
-        torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
-        start_it, history, resume_sums = ckpt["iteration"], ckpt["history"], ckpt["epoch_sums"]
-        if rank == 0:
-            print(f"resumed from {ckpt_path} at epoch {start_it // niter_per_ep}, iteration {start_it}")
-    total_it = args.epochs * niter_per_ep
-    if start_it >= total_it:
-        if rank == 0:
-            print(f"training already finished ({args.epochs} epochs) in {args.output_dir}; use another --output_dir "
-                  f"to train again")
-        return
+    def img_per_s(self):
+        return self.seen / (time.time() - self.t0)
 
+    def means(self):
+        loss, entropy, kl, n = self.sums.tolist()
+        return {"loss": loss / n, "teacher_entropy": entropy / n, "kl": kl / n}
+
+    def postfix(self, loss, stats):
+        return dict(loss=f"{loss.item():.3f}", h_t=f"{stats['teacher_entropy'].item():.2f}",
+                    img_s=f"{self.img_per_s():.1f}")
+
+
+def training_state(parts, it, niter_per_ep, args, history, epoch_sums):
+    """What checkpoint.pth holds: every state dict, where the run is, its args, RNG state, log so far."""
+    rng = [torch.get_rng_state()]
+    if dist.is_initialized():  # each rank has its own generator (drop-path); a collective: every rank calls this
+        rng = [None] * dist.get_world_size()
+        dist.all_gather_object(rng, torch.get_rng_state())
+    return {**{name: part.state_dict() for name, part in parts.items()}, "epoch": it // niter_per_ep,
+            "iteration": it, "args": vars(args), "rng": rng, "history": history, "epoch_sums": epoch_sums}
+
+
+def resume(ckpt_path, parts, args, niter_per_ep, rank):
+    """Load OUT/checkpoint.pth if there is one. Returns (iteration, history, running sums of a stopped epoch)."""
+    if not os.path.isfile(ckpt_path):
+        return 0, [], None
+    ckpt = checkpoint.load(ckpt_path)
+    changed = [f"--{k} was {ckpt['args'][k]}, now {vars(args)[k]}" for k in SCHEDULE_KEYS if k in ckpt["args"]
+               and ckpt["args"][k] != vars(args)[k] and not isinstance(ckpt["args"][k], (list, tuple))]
+    if changed:
+        raise UserError(f"cannot resume {ckpt_path}: {'; '.join(changed)} (this would break the schedules); "
+                        f"use another --output_dir or the same flags")
+    for name, part in parts.items():
+        part.load_state_dict(ckpt[name])
+    torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+    print_once(rank, f"resumed from {ckpt_path} at epoch {ckpt['iteration'] // niter_per_ep}, "
+               f"iteration {ckpt['iteration']}")
+    return ckpt["iteration"], ckpt["history"], ckpt["epoch_sums"]
+
+
+def catch_stop_signals():
+    """SIGINT/SIGTERM only raise a flag: the step in progress ends, then the loop saves a checkpoint and exits."""
     stop = {"signal": None}
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda signum, frame: stop.update(signal=signum))
-
-    def state(it, sums):
-        rng = [torch.get_rng_state()]
-        if dist.is_initialized():  # each rank has its own generator (drop-path)
-            rng = [None] * world
-            dist.all_gather_object(rng, torch.get_rng_state())
-        return {"student": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "dino_loss": dino_loss.state_dict(), "epoch": it // niter_per_ep,
-                "iteration": it, "args": vars(args), "rng": rng, "history": history, "epoch_sums": sums}
-
-    autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
-                              enabled=precision in ("bf16", "fp16"))
-    teacher_params = list(teacher.parameters())
-    student_params = list(student.parameters())
-    if rank == 0:
-        print(f"{args.arch}/{args.patch_size} depth {args.depth}, K={args.out_dim}, {ncrops} crops, {len(dataset)} "
-              f"images, {world} process(es) x {args.batch_size}, {precision} on {device}, {args.epochs} epochs")
-
-    it = start_it
-    for epoch in range(start_it // niter_per_ep, args.epochs):
-        sampler.set_epoch(epoch)
-        dataset.epoch = epoch
-        done = it - epoch * niter_per_ep  # iterations of this epoch already run (mid-epoch resume)
-        indices = list(sampler)[done * args.batch_size:]
-        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=indices, num_workers=args.num_workers,
-                            drop_last=True, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(args.seed + epoch))
-        sums = torch.zeros(4, device=device)  # running sums of loss, teacher entropy, KL, steps
-        if done and resume_sums is not None:  # resumed mid-epoch: the log still covers the whole epoch
-            sums = resume_sums.to(device)
-        resume_sums = None
-        first_bad = torch.full((), -1, device=device)
-        t0, seen = time.time(), 0
-        bar = tqdm(loader, total=niter_per_ep, initial=done, desc=f"epoch {epoch}", disable=rank != 0,
-                   dynamic_ncols=True, leave=False)
-        for crops in bar:
-            # --- DINO step ---
-            for i, pg in enumerate(optimizer.param_groups):
-                pg["lr"] = float(lr_schedule[it])
-                if i == 0:  # only the weight matrices are decayed
-                    pg["weight_decay"] = float(wd_schedule[it])
-            crops = [augment.normalize(c.to(device, non_blocking=True)) for c in crops]  # uint8 -> float
-            with autocast:
-                teacher_output = teacher(crops[:2])  # (2·B, K): the teacher sees the global views only
-                student_output, student_features = student_ddp(crops, return_features=True)  # every view
-                loss = dino_loss(student_output, teacher_output, epoch)  # (ncrops·B, K) vs (2·B, K)
-                if args.koleo_weight:  # DINOv2: spread the [CLS] features of each global view over the batch
-                    globals_ = student_features[:teacher_output.shape[0]].chunk(2)  # 2 x (B, D)
-                    loss = loss + args.koleo_weight * sum(koleo_loss(f) for f in globals_)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                clip_gradients(student, args.clip_grad)
-            if epoch < args.freeze_last_layer:  # the prototypes do not move in the first epoch(s)
-                for p in student.head.last_layer.parameters():
-                    p.grad = None
-            scaler.step(optimizer)
-            scaler.update()
-            update_teacher(teacher_params, student_params, float(momentum_schedule[it]))
-            # --- end of DINO step ---
-            stats = dino_loss.stats
-            sums += torch.stack([loss.detach().float(), stats["teacher_entropy"], stats["kl"], torch.ones((), device=device)])
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), it, first_bad)
-            it += 1
-            seen += crops[0].shape[0] * world
-            if it % args.log_every == 0 or stop["signal"]:
-                check_finite(first_bad, niter_per_ep, ckpt_path)  # the one host sync, at intervals
-                if rank == 0:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", h_t=f"{stats['teacher_entropy'].item():.2f}",
-                                    img_s=f"{seen / (time.time() - t0):.1f}")
-            if stop_requested(stop, it, args.log_every, device):
-                check_finite(first_bad, niter_per_ep, ckpt_path)
-                st = state(it, sums)
-                if rank == 0:
-                    save_checkpoint(st, ckpt_path)
-                    print(f"interrupted: checkpoint saved at epoch {epoch}, iteration {it}; re-run the same command "
-                          "to resume", file=sys.stderr)
-                sys.exit(128 + (stop["signal"] or 15))
-        bar.close()
-        check_finite(first_bad, niter_per_ep, ckpt_path)
-        loss_m, h_m, kl_m, n = (sums.tolist())
-        log = {"epoch": epoch, "loss": loss_m / n, "teacher_entropy": h_m / n, "kl": kl_m / n,
-               "lr": float(lr_schedule[it - 1]), "wd": float(wd_schedule[it - 1]),
-               "momentum": float(momentum_schedule[it - 1]),
-               "teacher_temp": dino_loss.teacher_temp(epoch), "img_per_s": seen / (time.time() - t0)}
-        if args.knn_every and (epoch + 1) % args.knn_every == 0:
-            log["knn_top1"] = knn_monitor(teacher.backbone, knn_sets, device)
-        history.append(log)
-        st = state(it, None)  # a collective when distributed: every rank takes part
-        if rank == 0:
-            save_checkpoint(st, ckpt_path)
-            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-                save_checkpoint(st, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(log) + "\n")
-            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
-        kind = collapse_kind(log["teacher_entropy"], args.out_dim) if epoch >= 1 else None  # a whole epoch of it
-        if kind and rank == 0:
-            print(f"warning: teacher collapsed ({kind}, mean entropy {log['teacher_entropy']:.3f} of log K = "
-                  f"{math.log(args.out_dim):.3f} over epoch {epoch}): {COLLAPSE_ADVICE[kind]}", file=sys.stderr)
-        if kind and args.stop_on_collapse:
-            if rank == 0:
-                print(f"stopped: the teacher collapsed; the checkpoint of epoch {epoch} is in {args.output_dir} "
-                      "(--stop_on_collapse false trains on regardless)", file=sys.stderr)
-            sys.exit(3)
-        if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
-            if rank == 0:
-                print(f"stopped after epoch {epoch} as asked; re-run without --stop_after_epoch to continue")
-            break
-    return student, teacher, dino_loss
+    return stop
 
 
 def stop_requested(stop, it, every, device):
@@ -468,12 +501,26 @@ def stop_requested(stop, it, every, device):
     return stop["signal"] is not None
 
 
-def check_finite(first_bad, niter_per_ep, ckpt_path):
-    bad = int(first_bad)
-    if bad >= 0:
-        kept = f"the last good checkpoint is {ckpt_path}" if os.path.isfile(ckpt_path) else "no checkpoint was written"
-        raise UserError(f"loss is not finite at epoch {bad // niter_per_ep}, iteration {bad}; stopped ({kept}). Try "
-                        "a lower --lr, --clip_grad 3, a lower --teacher_temp or --precision fp32")
+def save_and_exit(state, ckpt_path, epoch, stop, rank):
+    """Save where the run is, mid-epoch included, and exit 128 + the signal number (as a killed process would)."""
+    if rank == 0:
+        checkpoint.save(state, ckpt_path)
+    print_once(rank, f"interrupted: checkpoint saved at epoch {epoch}, iteration {state['iteration']}; "
+               "re-run the same command to resume", file=sys.stderr)
+    sys.exit(128 + (stop["signal"] or 15))
+
+
+def save_epoch(state, log, args, rank):
+    """checkpoint.pth (and checkpointNNNN.pth every --saveckp_freq epochs), one JSON line of log.txt, one line out."""
+    if rank != 0:
+        return
+    epoch = log["epoch"]
+    checkpoint.save(state, os.path.join(args.output_dir, "checkpoint.pth"))
+    if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+        checkpoint.save(state, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
+    with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+        f.write(json.dumps(log) + "\n")
+    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
 
 
 def collapse_kind(entropy, out_dim):
@@ -490,21 +537,24 @@ COLLAPSE_ADVICE = {
 }
 
 
-def load_knn_sets(args):
-    """Held-back labelled data for the online k-NN monitor (labels are used here only, never for training)."""
-    import eval_knn
-    return eval_knn.monitor_datasets(args.data, args.global_size, max_train=2500, max_val=1000)  # a few seconds
-
-
-def knn_monitor(backbone, knn_sets, device):
-    import eval_knn
-    return eval_knn.monitor_top1(backbone, *knn_sets, device=device)
+def stop_if_collapsed(log, args, rank):
+    """Warn when the teacher stayed collapsed for a whole epoch after the first; exit 3 with --stop_on_collapse."""
+    epoch = log["epoch"]
+    kind = collapse_kind(log["teacher_entropy"], args.out_dim) if epoch >= 1 else None
+    if not kind:
+        return
+    print_once(rank, f"warning: teacher collapsed ({kind}, mean entropy {log['teacher_entropy']:.3f} of log K = "
+               f"{math.log(args.out_dim):.3f} over epoch {epoch}): {COLLAPSE_ADVICE[kind]}", file=sys.stderr)
+    if args.stop_on_collapse:
+        print_once(rank, f"stopped: the teacher collapsed; the checkpoint of epoch {epoch} is in {args.output_dir} "
+                   "(--stop_on_collapse false trains on regardless)", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":
     try:
         main(get_args())
-    except (UserError, data.DataError, vit.CheckpointError) as e:
+    except (UserError, data.DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

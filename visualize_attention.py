@@ -36,7 +36,6 @@ from tqdm import tqdm
 
 import augment
 import data as data_lib
-import eval_knn
 import vit
 
 RELEASED_IMAGE_SIZE = 480  # the paper's figures: "480p images, 3601 tokens for ViT-S/8" (Sec. 4.2.2)
@@ -194,8 +193,9 @@ def get_args_parser():
                    "keep; the paper uses 0.6 (default: %(default)s)")
     p.add_argument("--jaccard", action="store_true", help="score the masks against ground-truth foreground masks "
                    "of the val images; prints `Jaccard X` (percent)")
-    p.add_argument("--data", default=None, help="with --jaccard: 'shapes' (masks built in) or a folder with val/ "
-                   "class folders; default: the data the checkpoint was trained on, else 'shapes'")
+    p.add_argument("--data", default=None, help=f"with --jaccard: an embedded dataset (masks built in: "
+                   f"{', '.join(data_lib.VARIANTS)}) or a folder with val/ class folders; default: the data the "
+                   f"checkpoint was trained on, else '{data_lib.DEFAULT_DATA}'")
     p.add_argument("--masks", default=None, help="with --jaccard on a folder: masks mirroring the val/ image paths "
                    "(MASKROOT/<class>/<name>.png or MASKROOT/val/...; nonzero = foreground); default: ROOT/masks")
     p.add_argument("--random_init", action="store_true", help="use an untrained model of the checkpoint's shape "
@@ -217,7 +217,7 @@ def run(args):
         raise ValueError(f"--threshold must be in (0, 1], got {args.threshold}")
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max_images must be at least 1, got {args.max_images}")
-    model, saved = eval_knn.load_backbone(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key)
+    model, saved = vit.from_checkpoint(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key)
     if args.random_init:
         model = random_like(model, saved["arch"], args.seed)
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
@@ -226,7 +226,7 @@ def run(args):
         names = visualize(model, args.image, args.output_dir, size, args.threshold)
         print(f"wrote {len(names)} pictures ({', '.join(names[:4])}, ...) to {args.output_dir}")
     if args.jaccard:
-        data = eval_knn.resolve_data(args.data, saved)
+        data = args.data or saved.get("data") or data_lib.DEFAULT_DATA  # else the data it was trained on
         masks = args.masks or (None if data in data_lib.VARIANTS else os.path.join(data, "masks"))
         dataset = data_lib.build_dataset(data, "val", masks_root=masks)  # first: a missing data folder is the news
         if masks is not None and not os.path.isdir(masks):
@@ -245,7 +245,7 @@ def main(argv=None):
     try:
         run(args)
     except (OSError, ValueError) as e:  # missing file, not a checkpoint, wrong arch, bad data folder (DataError)
-        print(eval_knn.one_line_error(e), file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     return 0
 

@@ -12,12 +12,13 @@ The parameter names are exactly those of the official code, so released DINO wei
     features = model(images)                       # (B, 384)
     attn = model.get_last_selfattention(images)    # (B, 6, 1+N, 1+N)
 """
-import argparse
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from checkpoint import CheckpointError, load_pretrained_weights, training_args  # noqa: F401 (DESIGN.md §2)
 
 
 def drop_path(x, drop_prob, training):
@@ -187,63 +188,22 @@ def vit_base(patch_size=16, **kw):
 ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
 
 
-class CheckpointError(ValueError):
-    """A file that is not a checkpoint, or one that does not fit the model (one-line message)."""
+# ============ weights from a file (the file handling lives in checkpoint.py) ============
+def from_checkpoint(path, arch=None, patch_size=None, checkpoint_key="teacher"):
+    """The ViT that `path` was trained with, its weights loaded. Returns (model, the training args used).
+
+    A bare released backbone file has no args: then `arch` and `patch_size` must be given (explicit values win)."""
+    saved = training_args(path, arch, patch_size)
+    if saved["arch"] not in ARCHS:
+        raise CheckpointError(f"unknown architecture '{saved['arch']}' (choose from {', '.join(ARCHS)})")
+    model = build_like(saved)
+    load_pretrained_weights(model, path, checkpoint_key)
+    return model, saved
 
 
-def load_checkpoint_file(path):
-    """torch.load with weights_only (no arbitrary code); official checkpoints pickle an argparse.Namespace."""
-    torch.serialization.add_safe_globals([argparse.Namespace])
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"checkpoint path is a directory: {path}") from None
-    except Exception as e:  # the unpickler raises many types (UnpicklingError, KeyError, EOFError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        why = f" ({first[:160]})" if len(first) > 8 else ""  # the unpickler's KeyError(101) etc. say nothing useful
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint{why}") from None
-
-
-def backbone_state_dict(ckpt, checkpoint_key="teacher"):
-    """Extract backbone weights from a released file, an official training checkpoint or one of ours."""
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"expected a state dict, got {type(ckpt).__name__}")
-    if checkpoint_key in ckpt and isinstance(ckpt[checkpoint_key], dict):
-        ckpt = ckpt[checkpoint_key]
-    elif "teacher" in ckpt or "student" in ckpt:
-        raise CheckpointError(f"checkpoint has no key '{checkpoint_key}' (it has: {', '.join(map(str, ckpt))})")
-    sd = {}
-    for k, v in ckpt.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        for prefix in ("module.", "backbone."):
-            k = k[len(prefix):] if k.startswith(prefix) else k
-        if k.startswith("head.") or k.startswith("fc."):  # projection/classifier heads are not backbone
-            continue
-        sd[k] = v
-    return sd
-
-
-def load_pretrained_weights(model, path, checkpoint_key="teacher"):
-    """Load backbone weights strictly; a file that does not fit the model raises CheckpointError naming why."""
-    sd = backbone_state_dict(load_checkpoint_file(path), checkpoint_key)
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        if not any(k in own for k in sd):
-            raise CheckpointError(f"{path} holds no ViT backbone weights (found keys like {list(sd)[:3]})")
-        raise CheckpointError(f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]} "
-                              f"(wrong --arch?)")
-    for k, v in sd.items():
-        if k == "pos_embed" and v.shape != own[k].shape and v.shape[-1] == own[k].shape[-1]:
-            continue  # a different training resolution: the model keeps it (below) and interpolates at run time
-        if v.shape != own[k].shape:
-            raise CheckpointError(f"{path} does not fit the model: {k} has shape {tuple(v.shape)}, model expects "
-                                  f"{tuple(own[k].shape)} (wrong --arch or --patch?)")
-    if sd["pos_embed"].shape != own["pos_embed"].shape:
-        model.pos_embed = nn.Parameter(torch.zeros_like(sd["pos_embed"]))
-    model.load_state_dict(sd, strict=True)
-    return model
+def build_like(saved):
+    """A fresh ViT of the shape that training args describe: arch, patch size, depth, stored pos-embed grid."""
+    shape = {"depth": saved["depth"]} if saved.get("depth") else {}
+    if saved.get("global_size"):
+        shape["img_size"] = saved["global_size"]  # the stored pos_embed grid (other sizes are interpolated)
+    return ARCHS[saved["arch"]](patch_size=int(saved["patch_size"]), **shape)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import checkpoint
 import eval_knn
 import vit
 
@@ -144,8 +145,8 @@ def test_knn_monitor_separates_dark_from_light_and_restores_train_mode():
 def test_loads_our_checkpoint_layout(tmp_path):
     source, x = tiny_vit().eval(), torch.randn(2, 3, 32, 32)
     save_ours(tmp_path / "checkpoint.pth", source, global_size=64, data="shapes")
-    model, saved = eval_knn.load_backbone(str(tmp_path / "checkpoint.pth"))
-    assert saved["global_size"] == 64 and eval_knn.eval_image_size(None, saved) == 64
+    model, saved = vit.from_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert saved["global_size"] == 64 and checkpoint.eval_image_size(None, saved) == 64
     torch.testing.assert_close(model.eval()(x), source(x))
 
 
@@ -157,19 +158,19 @@ def test_loads_official_training_checkpoint_layout(tmp_path, two_blocks):
     ckpt["student"]["module.head.mlp.0.weight"] = torch.zeros(4, 192)
     torch.save(ckpt, tmp_path / "official.pth")
     for key, source in (("teacher", teacher), ("student", student)):
-        model, saved = eval_knn.load_backbone(str(tmp_path / "official.pth"), checkpoint_key=key)
-        assert eval_knn.eval_image_size(None, saved) == 224
-        assert eval_knn.resolve_data(None, saved) == eval_knn.data_lib.DEFAULT_DATA  # no data saved: the default
+        model, saved = vit.from_checkpoint(str(tmp_path / "official.pth"), checkpoint_key=key)
+        assert checkpoint.eval_image_size(None, saved) == 224
+        assert "data" not in saved  # no data saved: the scripts fall back to data.DEFAULT_DATA
         torch.testing.assert_close(model.eval()(x), source(x))
 
 
 def test_bare_backbone_needs_arch_and_patch_and_a_wrong_arch_is_named(tmp_path, two_blocks):
     torch.save(tiny_vit().state_dict(), tmp_path / "bare.pth")
     with pytest.raises(ValueError, match="--arch and --patch"):
-        eval_knn.load_backbone(str(tmp_path / "bare.pth"))
-    eval_knn.load_backbone(str(tmp_path / "bare.pth"), arch="vit_tiny", patch_size=16)
+        vit.from_checkpoint(str(tmp_path / "bare.pth"))
+    vit.from_checkpoint(str(tmp_path / "bare.pth"), arch="vit_tiny", patch_size=16)
     with pytest.raises(ValueError, match="does not fit"):
-        eval_knn.load_backbone(str(tmp_path / "bare.pth"), arch="vit_small", patch_size=16)
+        vit.from_checkpoint(str(tmp_path / "bare.pth"), arch="vit_small", patch_size=16)
 
 
 # --- command line --------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return data.make_folder_dataset(str(tmp_path_factory.mktemp("imgs")), n_train=32, n_val=20, size=32)
+    return data.make_folder_dataset(str(tmp_path_factory.mktemp("imgs")), n_train=32, n_val=20, size=32,
+                                    variant="shapes")
 
 
 def tiny_args(folder, out, *extra):
@@ -79,7 +80,8 @@ def test_weight_decay_applies_to_weights_cls_token_and_pos_embed_but_not_biases_
     named = dict(model.named_parameters())
     assert id(named["backbone.cls_token"]) in decayed and id(named["backbone.pos_embed"]) in decayed
     assert id(named["backbone.blocks.0.attn.qkv.weight"]) in decayed
-    assert id(named["backbone.blocks.0.attn.qkv.bias"]) not in decayed and id(named["backbone.norm.weight"]) not in decayed
+    assert id(named["backbone.blocks.0.attn.qkv.bias"]) not in decayed
+    assert id(named["backbone.norm.weight"]) not in decayed
     assert no_decay["weight_decay"] == 0.0
 
 
@@ -208,3 +210,18 @@ def test_a_folder_with_a_corrupt_and_a_truncated_image_trains_to_the_end(folder,
     assert proc.returncode == 0, proc.stderr[-1000:]
     assert "unreadable" in proc.stderr
     assert os.path.isfile(tmp_path / "out" / "checkpoint.pth")
+
+
+def test_every_iteration_of_main_is_one_call_of_train_one_step(folder, tmp_path, monkeypatch):
+    """main's loop trains only through train_one_step, the function benchmark.py times: the two cannot drift."""
+    losses, step = [], train.train_one_step
+
+    def recording(*args, **kwargs):
+        losses.append(float(step(*args, **kwargs)))
+        return torch.tensor(losses[-1])
+    monkeypatch.setattr(train, "train_one_step", recording)
+    train.main(train.get_args(tiny_args(folder, tmp_path)))
+    logs = [eval(line.replace("NaN", "float('nan')")) for line in open(tmp_path / "log.txt")]
+    assert len(losses) == 2 * 4  # 2 epochs of 32 images in batches of 8
+    for epoch, log in enumerate(logs):  # the logged loss is the mean of the steps' losses
+        assert log["loss"] == pytest.approx(np.mean(losses[4 * epoch:4 * epoch + 4]), rel=1e-6)

@@ -1,0 +1,114 @@
+"""Checkpoint files: writing ours atomically, and reading ours, official training checkpoints and released weights.
+
+A training checkpoint of ours (train.py) holds `student`, `teacher`, `optimizer`, `scaler`, `dino_loss`, `epoch`,
+`iteration`, `args`, `rng`, `history`, `epoch_sums`. The official main_dino.py saves `student`, `teacher` (with
+`module.` prefixes), `optimizer`, `epoch`, `args` (an argparse.Namespace), `dino_loss`; a released backbone file
+(dino_deitsmall16_pretrain.pth, ...) is a bare state dict of the ViT. All three load here:
+
+    save(state, "out/checkpoint.pth")                    # write a temporary file, then rename over the old one
+    load_pretrained_weights(model, path, "teacher")      # strict: a file that does not fit says why, in one line
+    saved = training_args(path)                          # {"arch": ..., "patch_size": ..., "depth": ..., ...}
+
+The model side (building the ViT that a file was trained with) is vit.from_checkpoint.
+"""
+import argparse
+import os
+
+import torch
+import torch.nn as nn
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint, or one that does not fit the model (one-line message)."""
+
+
+def save(state, path):
+    """Atomic: write a temporary file, then rename over the old one (a crash mid-save keeps the previous)."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load(path):
+    """torch.load with weights_only (no arbitrary code); official checkpoints pickle an argparse.Namespace."""
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"checkpoint path is a directory: {path}") from None
+    except Exception as e:  # the unpickler raises many types (UnpicklingError, KeyError, EOFError, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        why = f" ({first[:160]})" if len(first) > 8 else ""  # the unpickler's KeyError(101) etc. say nothing useful
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint{why}") from None
+
+
+def backbone_state_dict(ckpt, checkpoint_key="teacher"):
+    """Extract backbone weights from a released file, an official training checkpoint or one of ours."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"expected a state dict, got {type(ckpt).__name__}")
+    if checkpoint_key in ckpt and isinstance(ckpt[checkpoint_key], dict):
+        ckpt = ckpt[checkpoint_key]
+    elif "teacher" in ckpt or "student" in ckpt:
+        raise CheckpointError(f"checkpoint has no key '{checkpoint_key}' (it has: {', '.join(map(str, ckpt))})")
+    sd = {}
+    for k, v in ckpt.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for prefix in ("module.", "backbone."):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        if k.startswith("head.") or k.startswith("fc."):  # projection/classifier heads are not backbone
+            continue
+        sd[k] = v
+    return sd
+
+
+def load_pretrained_weights(model, path, checkpoint_key="teacher"):
+    """Load backbone weights strictly; a file that does not fit the model raises CheckpointError naming why."""
+    sd = backbone_state_dict(load(path), checkpoint_key)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        if not any(k in own for k in sd):
+            raise CheckpointError(f"{path} holds no ViT backbone weights (found keys like {list(sd)[:3]})")
+        raise CheckpointError(f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]} "
+                              f"(wrong --arch?)")
+    for k, v in sd.items():
+        if k == "pos_embed" and v.shape != own[k].shape and v.shape[-1] == own[k].shape[-1]:
+            continue  # a different training resolution: the model keeps it (below) and interpolates at run time
+        if v.shape != own[k].shape:
+            raise CheckpointError(f"{path} does not fit the model: {k} has shape {tuple(v.shape)}, model expects "
+                                  f"{tuple(own[k].shape)} (wrong --arch or --patch?)")
+    if sd["pos_embed"].shape != own["pos_embed"].shape:
+        model.pos_embed = nn.Parameter(torch.zeros_like(sd["pos_embed"]))
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def training_args(path, arch=None, patch_size=None):
+    """The training args saved in `path` (a dict), with the arch and patch size to build its ViT with.
+
+    Our checkpoints and official training checkpoints carry their args (arch, patch_size); a bare released
+    backbone file does not, and then `arch` and `patch_size` must be given. Explicit values win. Our args also give
+    the depth and training resolution (a CPU run may train fewer blocks than the paper's 12).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = load(path)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(ckpt).__name__})")
+    saved = ckpt.get("args")
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved) if isinstance(saved, dict) else {}
+    arch = arch or saved.get("arch")
+    patch_size = patch_size or saved.get("patch_size") or saved.get("patch")
+    if not arch or not patch_size:
+        raise CheckpointError(f"{path} has no saved training args (a bare backbone file?): "
+                              "pass --arch and --patch, e.g. --arch vit_small --patch 16")
+    return {**saved, "arch": arch, "patch_size": int(patch_size)}  # the values actually used
+
+
+def eval_image_size(image_size, saved):
+    """--image_size, else the training global crop size (ours saves it; official runs used 224)."""
+    return int(image_size or saved.get("global_size") or 224)
