@@ -1,13 +1,17 @@
 """The images DINO learns from: an embedded procedural dataset and real image folders.
 
-- `ShapesDataset`: 10 classes of shapes (circle, square, ..., L-shape), 64x64 RGB, with a foreground mask per image.
-  Generated in seconds with numpy/PIL (no download ever) and cached under $DINO_CACHE or ~/.cache/dino_shapes.
-  Labels serve evaluation only (k-NN, linear probe, Sec. 3.2); training never reads them.
-  `--data scatter` (the default) draws 4-8 small copies of the class shape at random places, sizes and greys on
-  one dark background: raw pixels find few neighbours of the right class there, DINO's crops do. `scatter2` does
-  the same with 10 other shapes. `--data shapes` draws one shape with a random colour, size, tilt and position on a cluttered
-  random background (`shapes2`: the other shapes on another background style); `--data silhouettes` draws the ten
-  shapes in white on black (large, no clutter): an easy control.
+- `ShapesDataset`: 64x64 RGB images of 10 shape classes, each with a foreground mask, drawn in seconds with
+  numpy/PIL (no download ever) and cached under $DINO_CACHE or ~/.cache/dino_shapes. Labels serve evaluation only
+  (k-NN, linear probe, Sec. 3.2); training never reads them. Each variant is kept for what it teaches:
+  `scatter` (the default): 4-8 small copies of the class shape, each with its own place, size, tilt and grey, on
+      one dark grey for every image. Two views of an image share nothing but the shape, so DINO must learn shapes;
+      raw pixels and an untrained network find few neighbours of the right class (README, docs/recipe.md).
+  `scatter2`: the same with 10 other shapes (SHAPES2): the held-out sibling, never tuned on.
+  `silhouettes`: the ten shapes large, white on black, no clutter: an easy control on which DINO visibly learns
+      in minutes, and on which raw pixels already do well.
+  `shapes`: one large shape of a random colour on a cluttered colour gradient: the documented failure. Two
+      views share the background colours, and DINO matches views by the cheapest thing they share
+      (docs/recipe.md, "What the recipe did not learn").
 - `ImageFolderDataset`: ImageNet-style ROOT/{train,val}/<class>/<image> folders, read lazily; an unreadable or
   truncated file is skipped with a warning instead of crashing a run hours in.
 - `build_dataset(data, split, transform=None, masks_root=None)`: what train.py and eval_*.py call.
@@ -15,8 +19,8 @@
 Every dataset yields `(transform(img), label)` with `img` an RGB PIL image, and has `classes`, `targets`,
 `image(i)` (the untransformed image) and `mask(i)` (bool (H, W) foreground, or None).
 
-    python data.py --out docs/samples.png [--data scatter] [--n 32]  # sample grid with masks (+ multicrop, example)
-    python data.py --make_folder DIR [--variant scatter2]           # write a procedural ImageNet-style folder
+    python data.py --make_folder DIR [--variant scatter2]     # write a procedural ImageNet-style folder
+    python plot_samples.py --out docs/samples.png             # the README's pictures of the data and the views
 """
 import argparse
 import os
@@ -24,13 +28,14 @@ import tempfile
 import warnings
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch.utils.data import Dataset
+
+# how the embedded images are drawn lives in draw.py; these names are the dataset's, so they are data's too
+from draw import DEFAULT_DATA, GENERATOR_VERSION, SHAPES, SHAPES2, VARIANTS, _smooth_noise, render_image  # noqa: F401
 
 SPLITS = ("train", "val")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-MAX_TILT = np.deg2rad(25)  # how far an object may lean from upright
-GENERATOR_VERSION = 5  # bump whenever the drawing code changes: it is part of the cache key
 MAX_CONSECUTIVE_FAILURES = 50
 
 
@@ -42,194 +47,7 @@ class UnreadableImageWarning(UserWarning):
     """An image file that could not be decoded and was skipped."""
 
 
-# --- the shapes, as polygons inside the unit circle; fill 255 draws the object, 0 cuts a hole -----------------
-def _ngon(n, r=1.0, phase=0.0, dx=0.0, aspect=1.0):
-    t = phase + 2 * np.pi * np.arange(n) / n
-    return np.stack([r * np.cos(t) + dx, aspect * r * np.sin(t)], 1)  # (n, 2)
-
-
-def _poly(*xy):  # centre a polygon on its vertex mean and scale its farthest vertex to radius 1
-    p = np.array(xy, dtype=np.float64).reshape(-1, 2)  # (n, 2)
-    p -= p.mean(0)
-    return p / np.linalg.norm(p, axis=1).max()
-
-
-def _rect(hx, hy):  # a centred rectangle of half-sizes hx, hy
-    return np.array([(-hx, -hy), (hx, -hy), (hx, hy), (-hx, hy)])
-
-
-def _star(points, inner):
-    r = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
-    return _ngon(2 * points) * r[:, None]
-
-
-_t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
-_heart = np.stack([16 * np.sin(_t) ** 3, 13 * np.cos(_t) - 5 * np.cos(2 * _t) - 2 * np.cos(3 * _t) - np.cos(4 * _t)],
-                  1)  # (48, 2), the classic parametric heart
-SHAPES = {
-    "circle": [(_ngon(48), 255)],
-    "square": [(_ngon(4, phase=np.pi / 4), 255)],
-    "triangle": [(_ngon(3), 255)],
-    "star": [(_star(5, 0.42), 255)],
-    "cross": [(_rect(.96, .29), 255), (_rect(.29, .96), 255)],
-    "ring": [(_ngon(48), 255), (_ngon(48, r=0.55), 0)],
-    "heart": [(_poly(_heart), 255)],
-    "crescent": [(_ngon(48), 255), (_ngon(48, r=0.8, dx=0.45), 0)],
-    "arrow": [(_poly(-1, -.25, .1, -.25, .1, -.7, 1, 0, .1, .7, .1, .25, -1, .25), 255)],
-    "L_shape": [(_poly(0, 0, .5, 0, .5, .75, .95, .75, .95, 1.25, 0, 1.25), 255)],
-}
-SHAPES2 = {  # the held-out variant: other shapes, other background (see _background)
-    "pentagon": [(_ngon(5), 255)],
-    "diamond": [(_ngon(4, aspect=0.5), 255)],
-    "ellipse": [(_ngon(48, aspect=0.5), 255)],
-    "tee": [(_poly(-1, -1, 1, -1, 1, -.55, .22, -.55, .22, 1, -.22, 1, -.22, -.55, -1, -.55), 255)],
-    "chevron": [(_poly(-1, -.5, 0, .3, 1, -.5, 1, .05, 0, .85, -1, .05), 255)],
-    "trapezoid": [(_poly(-1, .5, 1, .5, .4, -.5, -.4, -.5), 255)],
-    "semicircle": [(_poly(_ngon(48)[:25]), 255)],
-    "bowtie": [(_poly(-1, -.75, 0, -.12, 1, -.75, 1, .75, 0, .12, -1, .75), 255)],
-    "u_shape": [(_poly(-.8, -.9, -.4, -.9, -.4, .4, .4, .4, .4, -.9, .8, -.9, .8, .8, -.8, .8), 255)],
-    "frame": [(_ngon(4, phase=np.pi / 4), 255), (_ngon(4, r=0.6, phase=np.pi / 4), 0)],
-}
-# "silhouettes": the same ten shapes in white on black, large, no clutter, no noise: an easy control on which DINO
-# visibly learns in minutes (and on which raw pixels already do well; README section 6 has both numbers)
-# "scatter" and "scatter2": 4-8 small copies of one shape per image (of SHAPES, and of SHAPES2), see _render_scatter
-VARIANTS = {"shapes": (SHAPES, "gradient"), "shapes2": (SHAPES2, "blotches"), "silhouettes": (SHAPES, "plain"),
-            "scatter": (SHAPES, "scatter"), "scatter2": (SHAPES2, "scatter")}
-DEFAULT_DATA = "scatter"  # what train.py, data.py and the evaluations use when no --data is given (README section 6)
-
-
-# --- drawing one image -----------------------------------------------------------------------------------------
-def _smooth_noise(rng, cells, S, channels):
-    """Value noise: a (cells+1)^2 grid of N(0,1) values, smoothly interpolated to (S, S, channels)."""
-    g = rng.normal(size=(cells + 1, cells + 1, channels))
-    u = np.linspace(0, cells, S, endpoint=False)
-    i, f = u.astype(int), u % 1
-    f = (f * f * (3 - 2 * f))[:, None, None]  # smoothstep: no visible grid lines
-    rows = g[i] * (1 - f) + g[i + 1] * f  # (S, cells+1, C)
-    return rows[:, i] * (1 - f[None, :, :, 0]) + rows[:, i + 1] * f[None, :, :, 0]  # (S, S, C)
-
-
-def _far_colour(rng, fg, min_dist=100):
-    """A random colour at least `min_dist` (RGB L2) from the object's, so the object stays salient."""
-    for _ in range(50):
-        c = rng.uniform(0, 255, 3)
-        if np.linalg.norm(c - fg) >= min_dist:
-            return c
-    return 255 - fg
-
-
-def _background(rng, style, fg, size):
-    """A 2x-size RGB PIL background with clutter. The clutter (lines, blobs, arcs) is never a class object:
-    it makes "find the big object" a real task, so attention that finds it has learnt something."""
-    yy, xx = np.mgrid[0:size, 0:size] / size  # smooth fields are computed at 1x and upsampled: 4x cheaper
-    c0, c1 = _far_colour(rng, fg), _far_colour(rng, fg)
-    if style == "gradient":  # linear colour gradient in a random direction + low-frequency colour noise
-        a = rng.uniform(0, 2 * np.pi)
-        t = np.clip((xx - .5) * np.cos(a) + (yy - .5) * np.sin(a) + .5, 0, 1)[..., None]
-        bg = c0 + (c1 - c0) * t + 30 * _smooth_noise(rng, 4, size, 3)  # (size, size, 3)
-    else:  # "blotches": camouflage-like mix of two colours + faint stripes
-        t = np.clip(0.5 + 0.6 * _smooth_noise(rng, 6, size, 1), 0, 1)
-        a, freq = rng.uniform(0, np.pi), rng.uniform(4, 10)
-        bg = c0 + (c1 - c0) * t + 25 * np.sin(2 * np.pi * freq * (xx * np.cos(a) + yy * np.sin(a)))[..., None]
-    S = 2 * size
-    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8)).resize((S, S), Image.BILINEAR)
-    draw = ImageDraw.Draw(img)
-    for _ in range(rng.integers(3, 9)):
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        x0, y0, length, angle = *rng.uniform(0, S, 2), rng.uniform(S / 6, S / 2), rng.uniform(0, 2 * np.pi)
-        x1, y1 = x0 + length * np.cos(angle), y0 + length * np.sin(angle)  # strokes of 1/6 to 1/2 of the side
-        w, r = int(rng.integers(2, 6)), rng.uniform(S / 40, S / 13)  # stroke width, blob radius (1.5-5 px at 64)
-        kind = rng.integers(3)
-        if style == "gradient" and kind < 2:
-            draw.line([(x0, y0), (x1, y1)], fill=colour, width=w)
-        elif style == "gradient":
-            draw.ellipse([x0 - r, y0 - r, x0 + r * rng.uniform(.5, 1.5), y0 + r], fill=colour)
-        elif kind == 0:  # a zigzag
-            zig = np.stack([np.linspace(x0, x1, 5), np.linspace(y0, y1, 5) + S / 16 * (-1) ** np.arange(5)], 1)
-            draw.line([tuple(p) for p in zig], fill=colour, width=w)
-        elif kind == 1:
-            draw.arc([x0 - 3 * r, y0 - 3 * r, x0 + 3 * r, y0 + 3 * r], *rng.uniform(0, 360, 2), fill=colour, width=w)
-        else:
-            draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=colour)
-    return img
-
-
-def render_image(rng, label, variant="shapes", size=64, plain=False):
-    """Draw one image of class `label`: returns uint8 (size, size, 3) and its bool (size, size) mask.
-    `plain=True` draws the same object in white on black, without clutter or noise (used by the tests)."""
-    shapes, style = VARIANTS[variant]
-    if style == "scatter":
-        return _render_scatter(rng, shapes, label, size, plain)
-    plain = plain or style == "plain"
-    S = 2 * size  # draw at 2x and average 2x2 pixels: cheap antialiasing
-    # radius as a fraction of the side: the object spans 35-75% of the image side (50-70% for the silhouettes)
-    r = rng.uniform(*((0.25, 0.35) if style == "plain" else (0.175, 0.375))) * S
-    cx, cy = rng.uniform(r, S - r, 2)  # anywhere it fits entirely
-    # Objects stand roughly upright (±25°), as objects in photographs do: DINO's augmentations (crops, flips,
-    # colour) teach no rotation invariance, and with any rotation both views of an image share an orientation
-    # that several classes have in common, so neighbours would be found by orientation rather than by shape.
-    a = rng.uniform(-MAX_TILT, MAX_TILT)
-    alpha = Image.new("L", (S, S), 0)
-    _draw_shape(ImageDraw.Draw(alpha), list(shapes.values())[label], r, (cx, cy), a)
-    # The colour is drawn independently of the class, so no pixel statistic tells the class: only the shape does.
-    fg = rng.uniform(0, 255, 3)
-    if plain:
-        img = alpha.convert("RGB")
-    else:
-        yy, xx = np.mgrid[0:S:2, 0:S:2] + 1.0  # 1x pixel centres, in 2x pixel units
-        b = rng.uniform(0, 2 * np.pi)  # soft shading across the object, so it is not one flat colour
-        shade = 35 * ((xx - cx) * np.cos(b) + (yy - cy) * np.sin(b)) / r  # (size, size)
-        obj = Image.fromarray(np.clip(fg + shade[..., None], 0, 255).astype(np.uint8)).resize((S, S), Image.BILINEAR)
-        img = Image.composite(obj, _background(rng, style, fg, size), alpha)
-    mask = np.asarray(alpha.reduce(2)) >= 128  # (size, size): at least half of the pixel is object
-    img = np.asarray(img.reduce(2), np.float32)  # (size, size, 3)
-    if not plain:
-        img = img + rng.normal(0, 6, img.shape)  # sensor-like pixel noise
-    return np.clip(np.round(img), 0, 255).astype(np.uint8), mask
-
-
-def _draw_shape(draw, polygons, r, centre, angle):
-    """Fill a shape's polygons (255 draws, 0 cuts a hole) scaled to radius r, turned by angle, at centre."""
-    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    for poly, fill in polygons:
-        draw.polygon([tuple(p) for p in poly @ rot.T * r + centre], fill=fill)
-
-
-def _render_scatter(rng, shapes, label, size=64, plain=False):
-    """`--data scatter`: 4-8 small copies of the class shape (radius 7-13% of the side), each with its own position,
-    size, tilt and light grey, never overlapping, on a dark grey that is the same for every image.
-
-    Where a copy lies is noise, and so is how big it is: two images of a class share no pixel pattern, so raw pixels
-    and an untrained network find few neighbours of the right class (README section 6). Nearly every crop DINO takes
-    holds a copy or more, and nothing else is common to the crops of one image (no level is drawn per image), so
-    matching two views is done by the shape, which is what DINO has to learn."""
-    S = 2 * size  # draw at 2x and average 2x2 pixels: cheap antialiasing
-    alpha = Image.new("L", (S, S), 0)
-    grey = Image.new("L", (S, S), 0)  # the grey level of each copy
-    draw, paint = ImageDraw.Draw(alpha), ImageDraw.Draw(grey)
-    placed, n = [], rng.integers(4, 9)  # (centre, radius) of the copies drawn so far, how many are wanted
-    for _ in range(200):  # rejection sampling: a copy that would touch another one is not drawn
-        if len(placed) == n:
-            break
-        r = rng.uniform(0.07, 0.13) * S
-        c = rng.uniform(r, S - r, 2)
-        if any(np.hypot(*(c - c2)) < r + r2 + 2 for c2, r2 in placed):
-            continue
-        placed.append((c, r))
-        polygons, angle, level = list(shapes.values())[label], rng.uniform(-MAX_TILT, MAX_TILT), rng.uniform(170, 255)
-        _draw_shape(draw, polygons, r, c, angle)
-        _draw_shape(paint, [(p, int(level) if f else 0) for p, f in polygons], r, c, angle)
-    cover = np.asarray(alpha.reduce(2), np.float32)[..., None] / 255  # (size, size, 1): how much copies cover
-    mask = cover[..., 0] >= 0.5  # at least half of the pixel is object
-    fg = 255.0 if plain else np.asarray(grey.reduce(2), np.float32)[..., None] / np.maximum(cover, 1e-6)
-    bg = 0.0 if plain else 35.0  # one level for every image: a level drawn per image is shared by all its crops
-    img = (bg + (fg - bg) * cover).repeat(3, 2)  # (size, size, 3)
-    if not plain:
-        img = img + rng.normal(0, 6, img.shape)  # sensor-like pixel noise
-    return np.clip(np.round(img), 0, 255).astype(np.uint8), mask
-
-
-def generate(n, seed=0, split="train", variant="shapes", size=64):
+def generate(n, seed=0, split="train", variant=DEFAULT_DATA, size=64):
     """n images (balanced classes: label = i % n_classes) -> uint8 (n,H,W,3), bool (n,H,W) masks, int64 labels.
     Image i is drawn from its own generator seeded by (seed, split, i): it does not depend on n, and train and val
     come from disjoint seeds, so no val image is ever a copy of a training image."""
@@ -242,12 +60,12 @@ def generate(n, seed=0, split="train", variant="shapes", size=64):
     return images, masks, labels
 
 
-def cache_path(split, n, seed=0, variant="shapes", size=64):
+def cache_path(split, n, seed=0, variant=DEFAULT_DATA, size=64):
     root = os.environ.get("DINO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dino_shapes")
     return os.path.join(root, f"{variant}-v{GENERATOR_VERSION}-{split}-n{n}-seed{seed}-{size}px.npz")
 
 
-def load_shapes(split, n, seed=0, variant="shapes", size=64):
+def load_shapes(split, n, seed=0, variant=DEFAULT_DATA, size=64):
     """`generate`, cached in an .npz keyed by generator version and parameters."""
     path = cache_path(split, n, seed, variant, size)
     try:
@@ -275,7 +93,7 @@ def load_shapes(split, n, seed=0, variant="shapes", size=64):
 class ShapesDataset(Dataset):
     """The embedded dataset; `n` defaults to 5000 train / 1000 val images (balanced classes)."""
 
-    def __init__(self, split="train", n=None, seed=0, variant="shapes", size=64, transform=None):
+    def __init__(self, split="train", n=None, seed=0, variant=DEFAULT_DATA, size=64, transform=None):
         if split not in SPLITS or variant not in VARIANTS:
             raise DataError(f"unknown split '{split}' or variant '{variant}' (known: {SPLITS}, {tuple(VARIANTS)})")
         n = n or {"train": 5000, "val": 1000}[split]
@@ -306,7 +124,7 @@ def class_balanced_indices(targets, n):
     return sorted(by_class[np.linspace(0, len(targets) - 1, n).round().astype(int)].tolist())
 
 
-def make_folder_dataset(root, n_train, n_val, seed=0, size=64, variant="shapes"):
+def make_folder_dataset(root, n_train, n_val, seed=0, size=64, variant=DEFAULT_DATA):
     """Write root/train/<class>/xxxxx.png, root/val/<class>/xxxxx.png and root/masks/val/<class>/xxxxx.png."""
     classes = list(VARIANTS[variant][0])
     for split, n in (("train", n_train), ("val", n_val)):
@@ -433,85 +251,19 @@ def build_dataset(data, split, transform=None, masks_root=None):
     return ImageFolderDataset(folder, transform, masks_root)
 
 
-# --- pictures for the README -----------------------------------------------------------------------------------
-def _outline(img, mask, colour=(255, 0, 0)):
-    """Paint the mask's boundary pixels (in the mask, with a 4-neighbour outside it)."""
-    m = np.pad(mask, 1)
-    inner = m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
-    out = img.copy()
-    out[mask & ~inner] = colour
-    return out
-
-
-def _sheet(rows, gap=4, fill=255):
-    """Paste rows of HxWx3 uint8 tiles (any sizes) into one image, top-left aligned."""
-    h = [max(t.shape[0] for t in row) for row in rows]
-    w = max(sum(t.shape[1] + gap for t in row) for row in rows)
-    sheet = np.full((sum(h) + gap * len(rows), w, 3), fill, np.uint8)
-    y = 0
-    for row, rh in zip(rows, h):
-        x = 0
-        for t in row:
-            sheet[y:y + t.shape[0], x:x + t.shape[1]] = t
-            x += t.shape[1] + gap
-        y += rh + gap
-    return Image.fromarray(sheet)
-
-
-def save_samples(out, data=DEFAULT_DATA, n=32, cols=4):
-    masks = os.path.join(str(data), "masks")  # the layout make_folder_dataset writes
-    ds = build_dataset(data, "val", masks_root=masks if os.path.isdir(masks) else None)
-    # shapes interleave the classes (label = i % 10); a folder is sorted by class, so spread the picks over it
-    spread = np.unique(np.linspace(0, len(ds) - 1, n).astype(int))
-    idx = range(min(n, len(ds))) if isinstance(ds, ShapesDataset) else spread
-    small = max(ds.image(0).size) <= 128  # the embedded data: draw the CPU recipe's crops and zoom 2x to see pixels
-    up = (lambda a: a.repeat(2, 0).repeat(2, 1)) if small else (lambda a: a)  # noqa: E731
-    tiles = []
-    for i in idx:  # each tile: image | image with the mask outlined, class name underneath
-        img = np.asarray(ds.image(i))
-        m = ds.mask(i)
-        pair = np.concatenate([img, _outline(img, m) if m is not None and m.shape == img.shape[:2] else img], 1)
-        tile = Image.fromarray(np.pad(up(pair), ((0, 14), (0, 0), (0, 0)), constant_values=255))
-        ImageDraw.Draw(tile).text((2, tile.height - 13), ds.classes[ds.targets[i]], fill=(0, 0, 0))
-        tiles.append(np.asarray(tile))
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    _sheet([tiles[k:k + cols] for k in range(0, len(tiles), cols)]).save(out)
-    example = os.path.join(os.path.dirname(out), "example.png")  # one val image, for visualize_attention.py
-    ds.image(list(idx)[min(3, len(idx) - 1)]).save(example)
-    print(f"wrote {out} and {example}")
-    from augment import MultiCropAugmentation
-    from train import PRESETS  # imported here: train imports this module
-    keys = ("global_crops_scale", "local_crops_scale", "local_crops_number", "global_size", "local_size", "blur_radius")
-    aug = MultiCropAugmentation(**{k: PRESETS["cpu" if small else "paper"][k] for k in keys})
-    rows = []
-    for i in list(idx)[:4]:  # original, then the 2 global and N local crops (Sec. 3.1, multi-crop)
-        views = [np.asarray(v.permute(1, 2, 0).contiguous()) for v in aug(ds.image(i))]  # (H, W, 3) uint8
-        rows.append([up(np.asarray(ds.image(i)))] + [up(v) for v in views])
-    path = os.path.join(os.path.dirname(out), "multicrop.png")
-    _sheet(rows).save(path)
-    print(f"wrote {path}")
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Preview the data, or write the procedural dataset as an image folder.")
-    p.add_argument("--out", default="docs/samples.png", help="the sample grid (multicrop.png and example.png, one "
-                   "val image, are written beside it)")
-    p.add_argument("--data", default=DEFAULT_DATA, help=f"one of {', '.join(VARIANTS)} or an image folder with val/")
-    p.add_argument("--n", type=int, default=32, help="number of samples in the grid")
-    p.add_argument("--make_folder", default=None, help="instead, write DIR/{train,val}/<class>/*.png + DIR/masks/val")
-    p.add_argument("--variant", default=DEFAULT_DATA, choices=list(VARIANTS), help="which procedural dataset to write")
-    p.add_argument("--n_train", type=int, default=5000, help="with --make_folder: training images")
-    p.add_argument("--n_val", type=int, default=1000, help="with --make_folder: validation images")
-    p.add_argument("--seed", type=int, default=0, help="with --make_folder: use a seed the recipe was not tuned on")
+    p = argparse.ArgumentParser(description="Write the procedural dataset as an ImageNet-style image folder "
+                                "(pictures of it: plot_samples.py).")
+    p.add_argument("--make_folder", required=True, metavar="DIR", help="write DIR/{train,val}/<class>/*.png and "
+                   "the masks DIR/masks/val/<class>/*.png")
+    p.add_argument("--variant", default=DEFAULT_DATA, choices=list(VARIANTS), help="which procedural dataset to "
+                   "write (default: %(default)s)")
+    p.add_argument("--n_train", type=int, default=5000, help="training images (default: %(default)s)")
+    p.add_argument("--n_val", type=int, default=1000, help="validation images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="use a seed the recipe was not tuned on to hold data out")
     args = p.parse_args(argv)
-    try:
-        if args.make_folder:
-            make_folder_dataset(args.make_folder, args.n_train, args.n_val, args.seed, variant=args.variant)
-            print(f"wrote {args.n_train} train / {args.n_val} val images of '{args.variant}' to {args.make_folder}")
-        else:
-            save_samples(args.out, args.data, args.n)
-    except DataError as e:  # a user mistake: one line, no traceback
-        p.error(str(e))
+    make_folder_dataset(args.make_folder, args.n_train, args.n_val, args.seed, variant=args.variant)
+    print(f"wrote {args.n_train} train / {args.n_val} val images of '{args.variant}' to {args.make_folder}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
     the first min(5, k, num_classes) classes ranked by vote (with k < 5 at most k classes have a vote). Rank classes
     with equal votes (e.g. no vote) in class order (a stable sort), so results are reproducible.
     Small T trusts the nearest neighbour, large T the majority.
-    Hints: Tensor.topk(k, dim=1), train_labels[indices], Tensor.scatter_add_(1, index, src), torch.sort(..., stable=True).
+    Hints: Tensor.topk(k, dim=1), train_labels[indices], Tensor.scatter_add_(1, index, src),
+    torch.sort(..., stable=True).
     """
     raise NotImplementedError

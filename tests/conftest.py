@@ -22,7 +22,8 @@ OF_TEST = pytest.StashKey[list]()  # per test: the chosen exercises it grades
 def pytest_addoption(parser):
     group = parser.getgroup("exercises", "classroom exercises (EXERCISES.md)")
     group.addoption("--exercise", action="append", default=[], metavar="NAME",
-                    help=f"run only the tests of exercise NAME on your code in exercises/ ({', '.join(exercises.EXERCISES)}"
+                    help="run only the tests of exercise NAME on your code in exercises/ "
+                         f"({', '.join(exercises.EXERCISES)}"
                          ", or all; comma-separated or repeated)")
     group.addoption("--exercise_dir", default=None, metavar="DIR",
                     help="folder holding the exercise files instead of exercises/ (e.g. a student's hand-in)")

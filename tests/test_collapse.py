@@ -21,7 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return data.make_folder_dataset(str(tmp_path_factory.mktemp("imgs")), n_train=32, n_val=10, size=32)
+    return data.make_folder_dataset(str(tmp_path_factory.mktemp("imgs")), n_train=32, n_val=10, size=32,
+                                    variant="shapes")
 
 
 def final_entropy(folder, out, *flags):

@@ -11,6 +11,7 @@ from PIL import Image
 
 import data
 import eval_knn
+import plot_samples
 
 
 @pytest.fixture(autouse=True)
@@ -32,18 +33,19 @@ def rgb_image(seed=0, size=(20, 16)):
 
 # --- the embedded dataset --------------------------------------------------------------------------------------
 def test_same_seed_gives_same_pixels():
-    a, ma, la = data.generate(20, seed=3, split="train")
-    b, mb, lb = data.generate(20, seed=3, split="train")
+    a, ma, la = data.generate(20, seed=3, split="train", variant="shapes")
+    b, mb, lb = data.generate(20, seed=3, split="train", variant="shapes")
     assert np.array_equal(a, b) and np.array_equal(ma, mb) and np.array_equal(la, lb)
-    assert not np.array_equal(a, data.generate(20, seed=4, split="train")[0])
+    assert not np.array_equal(a, data.generate(20, seed=4, split="train", variant="shapes")[0])
 
 
 def test_an_image_does_not_depend_on_the_dataset_size():
-    assert np.array_equal(data.generate(10, split="val")[0], data.generate(30, split="val")[0][:10])
+    ten, thirty = (data.generate(n, split="val", variant="shapes")[0] for n in (10, 30))
+    assert np.array_equal(ten, thirty[:10])
 
 
 def test_train_and_val_share_no_image():
-    train, val = data.generate(100, split="train")[0], data.generate(100, split="val")[0]
+    train, val = (data.generate(100, split=split, variant="shapes")[0] for split in ("train", "val"))
     assert not {im.tobytes() for im in train} & {im.tobytes() for im in val}
     assert np.abs(train.astype(int) - val.astype(int)).mean() > 20  # not near-copies either
 
@@ -73,7 +75,7 @@ def test_every_class_is_a_different_shape(variant):
 
 
 def test_masks_sit_on_a_large_salient_object():
-    ds = data.ShapesDataset("val", n=50)
+    ds = data.ShapesDataset("val", n=50, variant="shapes")
     for i in range(len(ds)):
         img, mask = np.asarray(ds.image(i), np.float32), ds.mask(i)
         assert mask.shape == (64, 64) and mask.dtype == bool
@@ -88,39 +90,39 @@ def test_masks_sit_on_a_large_salient_object():
 
 
 def test_dataset_items_are_pil_images_and_int_labels_and_transform_is_applied():
-    ds = data.ShapesDataset("val", n=20, transform=np.asarray)
+    ds = data.ShapesDataset("val", n=20, variant="shapes", transform=np.asarray)
     x, y = ds[3]
     assert x.shape == (64, 64, 3) and isinstance(y, int) and y == 3
     assert ds.image(3).mode == "RGB"
 
 
 def test_second_load_reads_the_cache(monkeypatch):
-    first = data.ShapesDataset("train", n=20)
+    first = data.ShapesDataset("train", n=20, variant="shapes")
     monkeypatch.setattr(data, "generate", lambda *a, **k: pytest.fail("regenerated despite a valid cache"))
-    assert np.array_equal(data.ShapesDataset("train", n=20).images, first.images)
+    assert np.array_equal(data.ShapesDataset("train", n=20, variant="shapes").images, first.images)
 
 
 def test_corrupt_cache_is_regenerated(cache_dir):
-    first = data.ShapesDataset("val", n=20)
-    path = data.cache_path("val", 20)
+    first = data.ShapesDataset("val", n=20, variant="shapes")
+    path = data.cache_path("val", 20, variant="shapes")
     assert os.path.exists(path)
     with open(path, "r+b") as f:  # clobber the middle of the file
         f.seek(os.path.getsize(path) // 2)
         f.write(b"\0garbage" * 100)
-    assert np.array_equal(data.ShapesDataset("val", n=20).images, first.images)
+    assert np.array_equal(data.ShapesDataset("val", n=20, variant="shapes").images, first.images)
     with open(path, "wb") as f:  # a partial (truncated) file
         f.write(b"PK\x03\x04")
-    assert np.array_equal(data.ShapesDataset("val", n=20).images, first.images)
+    assert np.array_equal(data.ShapesDataset("val", n=20, variant="shapes").images, first.images)
     assert not [f for f in os.listdir(cache_dir) if f.endswith(".tmp")]
 
 
 # --- image folders ----------------------------------------------------------------------------------------------
 def test_folder_dataset_round_trips_images_labels_and_masks(tmp_path):
-    root = data.make_folder_dataset(str(tmp_path / "f"), n_train=20, n_val=10, seed=1, variant="shapes2")
+    root = data.make_folder_dataset(str(tmp_path / "f"), n_train=20, n_val=10, seed=1, variant="scatter2")
     train = data.build_dataset(root, "train")
     val = data.build_dataset(root, "val", masks_root=os.path.join(root, "masks", "val"))
     assert len(train) == 20 and len(val) == 10 and train.classes == val.classes == sorted(data.SHAPES2)
-    images, masks, labels = data.generate(10, seed=1, split="val", variant="shapes2")
+    images, masks, labels = data.generate(10, seed=1, split="val", variant="scatter2")
     for i in range(len(val)):
         img, label = val[i]
         j = int(os.path.basename(val.samples[i][0])[:-4])  # files are named by generation index
@@ -221,7 +223,7 @@ def test_cli_writes_the_sample_grid_and_a_folder(tmp_path):
     data.main(["--make_folder", str(tmp_path / "folder"), "--n_train", "10", "--n_val", "10"])
     assert len(data.build_dataset(str(tmp_path / "folder"), "val")) == 10
     out = tmp_path / "docs" / "samples.png"
-    data.main(["--out", str(out), "--n", "4", "--data", str(tmp_path / "folder")])
+    plot_samples.main(["--out", str(out), "--n", "4", "--data", str(tmp_path / "folder")])
     assert Image.open(out).size[0] > 4 * 64
     assert (out.parent / "multicrop.png").exists() and Image.open(out.parent / "example.png").size == (64, 64)
 

@@ -139,11 +139,12 @@ def test_the_capstone_trains_on_the_students_functions(tmp_path, monkeypatch):
     for ex in EXERCISES.values():
         for target in ex.replaces.values():
             assert exercises.reference(target)[2].__module__.startswith("_exercise_"), target
-    folder = data.make_folder_dataset(str(tmp_path / "imgs"), n_train=8, n_val=10, size=32)
+    folder = data.make_folder_dataset(str(tmp_path / "imgs"), n_train=8, n_val=10, size=32, variant="shapes")
     train.main(train.get_args(["--data", folder, "--arch", "vit_tiny", "--patch", "8", "--depth", "1",
                                "--out_dim", "32", "--global_size", "32", "--local_size", "16",
                                "--local_crops_number", "2", "--batch_size", "8", "--epochs", "1",
-                               "--num_workers", "0", "--knn_every", "1", "--precision", "fp32", "--output_dir", str(tmp_path / "out")]))
+                               "--num_workers", "0", "--knn_every", "1", "--precision", "fp32",
+                               "--output_dir", str(tmp_path / "out")]))
     log = json.loads(open(tmp_path / "out" / "log.txt").readline())
     assert torch.isfinite(torch.tensor([log["loss"], log["teacher_entropy"], log["knn_top1"]])).all()
 

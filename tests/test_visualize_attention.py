@@ -33,7 +33,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """ROOT/{train,val}/<class>/*.png and ROOT/masks/val/<class>/*.png, 32 px."""
-    return data.make_folder_dataset(str(tmp_path_factory.mktemp("folder")), 20, 10, size=32)
+    return data.make_folder_dataset(str(tmp_path_factory.mktemp("folder")), 20, 10, size=32, variant="shapes")
 
 
 # --- attention maps ------------------------------------------------------------------------------------------
