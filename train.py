@@ -170,7 +170,7 @@ def get_args(argv=None):
 
 
 def presets_table():
-    """The two recipes as a Markdown table (README.md holds this exact text; a test checks they agree)."""
+    """The two recipes as a Markdown table (docs/recipe.md holds this exact text; a test checks they agree)."""
     rows = ["| flag | `--preset cpu` | `--preset paper` | what it does |", "|---|---|---|---|"]
     for k, v in PRESETS["paper"].items():
         fmt = lambda x: " ".join(map(str, x)) if isinstance(x, tuple) else str(x)

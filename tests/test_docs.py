@@ -41,8 +41,8 @@ def known_flags():
     return flags
 
 
-def test_readme_presets_table_is_the_one_generated_from_the_code():
-    assert train.presets_table() in read("README.md")
+def test_the_presets_table_in_docs_is_the_one_generated_from_the_code():
+    assert train.presets_table() in read("docs/recipe.md")
 
 
 def test_every_preset_flag_has_help_that_states_both_preset_values():
