@@ -2,16 +2,18 @@
 
     python benchmark.py                      # ViT-S/16, 8 images x (2x224 + 6x96 crops), K 65536: ours vs official
     python benchmark.py --compile            # our step with torch.compile'd backbones
-    python benchmark.py --arch vit_tiny --depth 2 --out_dim 4096 --no_baseline --no_aug   # a quick look
+    python benchmark.py --arch vit_tiny --depth 2 --out_dim 4096 --no_baseline --no_aug --no_cpu_preset  # quick
     python benchmark.py --profile 2          # where the time of our step goes (torch.profiler, top ops)
 
 Sections, measured in one run on one machine: (1) our step: train.train_one_step itself, the function train.py's
 loop runs (schedules held at their base values, past the frozen-last-layer epochs); median of --steps after
 --warmup; FLOPs counted once with FlopCounterMode (teacher forward, student forward+backward, loss; attention as its
 matmuls whatever kernel runs it); MFU = achieved FLOP/s over the best FLOP/s of a square matmul in the precision
-used, measured here. (2) The official step as shipped (main_dino.py, re-written here): fp32 on CPU (its autocast is
-CUDA's fp16), attention matrix materialised, the loss as a double loop over crop pairs, two host syncs per
-parameter in clipping, the default AdamW (a for-loop on CPU), EMA as a loop, loss.item().
+used, measured here. Then the same for the step of train.py's cpu preset (vit_tiny/8, 64 images, 2x64 + 4x32,
+K 256, KoLeo: what `python train.py` runs; --no_cpu_preset skips it). (2) The official step as shipped
+(main_dino.py, re-written here), at both configurations: fp32 on CPU (its autocast is CUDA's fp16), attention matrix
+materialised, the loss as a double loop over crop pairs, two host syncs per parameter in clipping, the default
+AdamW (a for-loop on CPU), EMA as a loop, loss.item().
 (3) The multi-crop augmentation per image per loader worker (2x224 + 8x96 of a 500x375 image, 1 process, 1 thread):
 augment.MultiCropAugmentation against the official torchvision/PIL pipeline ending in ToTensor + Normalize.
 The last line is one JSON object. Timings on a busy machine are not final: the load average is printed.
@@ -267,9 +269,53 @@ def get_args(argv=None):
     p.add_argument("--matmul_size", default=None, type=int, help="Side of the peak matmul (2048 CPU, 8192 CUDA).")
     p.add_argument("--no_baseline", action="store_true", help="Skip the official step.")
     p.add_argument("--no_aug", action="store_true", help="Skip the augmentation section.")
+    p.add_argument("--no_cpu_preset", action="store_true", help="Skip the second configuration: the step of "
+                   "train.py's cpu preset (what `python train.py` runs).")
     p.add_argument("--aug_images", default=30, type=int, help="Images per augmentation timing.")
     p.add_argument("--profile", default=0, type=int, help="Profile N steps of ours and print the top ops.")
     return p.parse_args(argv)
+
+
+def time_steps(targs, a, device, precision, peaks, peak, profile=True):
+    """Our step (and the official one unless --no_baseline) at targs' shapes: (results, table rows, GFLOP/step)."""
+    step, count_flops, compile_backbones = make_step(targs, device, precision)
+    gflop = count_flops() / 1e9  # eager, before any compilation
+    if a.compile:
+        compile_backbones()
+        t0 = time.perf_counter()
+        step(), step()  # tracing and code generation: one graph per resolution, teacher and student
+        print(f"compiled in {time.perf_counter() - t0:.0f} s (first two steps)")
+    times, mem = with_peak_memory(lambda: time_calls(step, device, a.steps, a.warmup), device)
+    peaks[precision] = max(peaks[precision], peak(precision))  # measured again: a busy machine lowers it
+    s = statistics.median(times)
+    res = dict(step_s=s, img_per_s=targs.batch_size / s, gflop_per_step=gflop, achieved_gflops=gflop / s,
+               matmul_peak_gflops=peaks[precision], mfu=gflop / s / peaks[precision], peak_mem_mb=mem,
+               step_times=[round(t, 3) for t in times])
+    rows = [("ours" + (" compiled" if a.compile else ""), precision, s, mem)]
+    if a.profile and profile:
+        with torch.profiler.profile() as prof:
+            time_calls(step, device, a.profile, 0)
+        print(prof.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=25))
+    del step
+    if not a.no_baseline:
+        bprec = "fp16" if device.type == "cuda" else "fp32"  # main_dino.py: torch.cuda.amp.autocast(use_fp16)
+        official = make_step(targs, device, bprec, official=True)[0]
+        btimes, bmem = with_peak_memory(lambda: time_calls(official, device, a.baseline_steps, 1), device)
+        del official
+        peaks[bprec] = max(peaks.get(bprec, 0), peak(bprec))
+        b = statistics.median(btimes)
+        res.update(baseline_step_s=b, speedup=b / s, baseline_mfu=gflop / b / peaks[bprec], baseline_peak_mem_mb=bmem)
+        rows.append(("official", bprec, b, bmem))
+    return res, rows, gflop
+
+
+def print_rows(rows, gflop, batch_size, peaks):
+    print(f"\n{'step':14}{'precision':>10}{'step s':>8}{'img/s':>7}{'GFLOP':>7}{'GFLOP/s':>9}{'peak':>7}"
+          f"{'MFU':>6}{'mem MB':>8}")
+    for name, prec, t, mem in rows:
+        print(f"{name:14}{prec:>10}{t:>8.3f}{batch_size / t:>7.2f}{gflop:>7.0f}{gflop / t:>9.1f}{peaks[prec]:>7.0f}"
+              f"{gflop / t / peaks[prec]:>6.2f}{mem:>8.0f}")
+    print("peak: best GFLOP/s of a square matmul in that precision here; MFU = GFLOP/s / peak")
 
 
 def main(a):
@@ -287,43 +333,20 @@ def main(a):
           f"torch {torch.__version__}, load average {load()}")
     peaks = {precision: peak(precision)}
 
-    step, count_flops, compile_backbones = make_step(targs, device, precision)
-    gflop = count_flops() / 1e9  # eager, before any compilation
-    if a.compile:
-        compile_backbones()
-        t0 = time.perf_counter()
-        step(), step()  # tracing and code generation: one graph per resolution, teacher and student
-        print(f"compiled in {time.perf_counter() - t0:.0f} s (first two steps)")
-    times, mem = with_peak_memory(lambda: time_calls(step, device, a.steps, a.warmup), device)
-    peaks[precision] = max(peaks[precision], peak(precision))  # measured again: a busy machine lowers it
-    s = statistics.median(times)
-    res = dict(step_s=s, img_per_s=a.batch_size / s, gflop_per_step=gflop, achieved_gflops=gflop / s,
-               matmul_peak_gflops=peaks[precision], mfu=gflop / s / peaks[precision], peak_mem_mb=mem)
-    rows = [("ours" + (" compiled" if a.compile else ""), precision, s, mem)]
-    if a.profile:
-        with torch.profiler.profile() as prof:
-            time_calls(step, device, a.profile, 0)
-        print(prof.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=25))
-    del step
-
-    if not a.no_baseline:
-        bprec = "fp16" if device.type == "cuda" else "fp32"  # main_dino.py: torch.cuda.amp.autocast(use_fp16)
-        official = make_step(targs, device, bprec, official=True)[0]
-        btimes, bmem = with_peak_memory(lambda: time_calls(official, device, a.baseline_steps, 1), device)
-        del official
-        peaks[bprec] = max(peaks.get(bprec, 0), peak(bprec))
-        b = statistics.median(btimes)
-        res.update(baseline_step_s=b, speedup=b / s, baseline_mfu=gflop / b / peaks[bprec], baseline_peak_mem_mb=bmem)
-        rows.append(("official", bprec, b, bmem))
-
-    print(f"\n{'step':14}{'precision':>10}{'step s':>8}{'img/s':>7}{'GFLOP':>7}{'GFLOP/s':>9}{'peak':>7}"
-          f"{'MFU':>6}{'mem MB':>8}")
-    for name, prec, t, mem in rows:
-        print(f"{name:14}{prec:>10}{t:>8.3f}{a.batch_size / t:>7.2f}{gflop:>7.0f}{gflop / t:>9.1f}{peaks[prec]:>7.0f}"
-              f"{gflop / t / peaks[prec]:>6.2f}{mem:>8.0f}")
-    print("peak: best GFLOP/s of a square matmul in that precision here; MFU = GFLOP/s / peak")
+    res, rows, gflop = time_steps(targs, a, device, precision, peaks, peak)
+    print_rows(rows, gflop, a.batch_size, peaks)
     if "speedup" in res:
         print(f"our step is {res['speedup']:.2f}x faster than the official one")
+    if not a.no_cpu_preset:  # the second configuration: the step `python train.py` runs, what students time
+        cpu = train.get_args(["--preset", "cpu"])
+        print(f"\nthe cpu preset's step: {cpu.arch}/{cpu.patch_size} depth {cpu.depth}, {cpu.batch_size} images x "
+              f"(2x{cpu.global_size} + {cpu.local_crops_number}x{cpu.local_size}), K {cpu.out_dim}, KoLeo "
+              f"{cpu.koleo_weight}")
+        cres, crows, cgflop = time_steps(cpu, a, device, precision, peaks, peak, profile=False)
+        print_rows(crows, cgflop, cpu.batch_size, peaks)
+        res.update({f"cpu_preset_{k}": v for k, v in cres.items()})
+        if "speedup" in cres:
+            print(f"our step is {cres['speedup']:.2f}x faster than the official one")
 
     if not a.no_aug:
         img, L = sample_image(), 8  # the official default: 2 global + 8 local crops
@@ -343,8 +366,7 @@ def main(a):
 
     print(f"load average at the end: {load()}")
     res.update(flags, ncrops=2 + a.local_crops_number, precision=precision, compile=a.compile, device=str(device),
-               threads=torch.get_num_threads(), loadavg=round(os.getloadavg()[0], 2),
-               step_times=[round(t, 3) for t in times])
+               threads=torch.get_num_threads(), loadavg=round(os.getloadavg()[0], 2))
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
     return res
 
