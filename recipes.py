@@ -201,7 +201,8 @@ def digits_renderer():
     return render
 
 
-SYMBOLS = "\u2660\u2663\u2665\u2666\u2605\u2600\u2602\u266a\u2708\u260e"  # spade club heart diamond star sun umbrella note plane phone
+# spade, club, heart, diamond, star, sun, umbrella, note, plane, phone
+SYMBOLS = "\u2660\u2663\u2665\u2666\u2605\u2600\u2602\u266a\u2708\u260e"
 SYMBOL_FONTS = ["DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSansCondensed.ttf", "DejaVuSansCondensed-Bold.ttf"]
 
 
@@ -262,7 +263,8 @@ def mnist_renderer():
 
     def render(rng, label, split):
         side = int(rng.integers(26, 49))
-        d = Image.fromarray(images[rng.choice(class_pool(targets, label, split))].astype(np.uint8)).resize((side, side), Image.BICUBIC)
+        digit = images[rng.choice(class_pool(targets, label, split))].astype(np.uint8)  # (28, 28)
+        d = Image.fromarray(digit).resize((side, side), Image.BICUBIC)
         cover = np.zeros((SIZE, SIZE), np.float32)
         x, y = rng.integers(0, SIZE - side + 1, 2)
         cover[y:y + side, x:x + side] = np.clip(np.asarray(d, np.float32) / 255, 0, 1)
