@@ -238,6 +238,28 @@ def sample_image(w=500, h=375):
     return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
 
 
+def attention_kernels(device, precision, reps=20):
+    """Forward + backward of attention alone, written out (softmax(q k^T / sqrt(d)) v) vs the fused SDPA kernel, at
+    the sequence lengths of both configurations: the measurement behind vit.Attention's choice on CPU."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    print(f"\nattention alone, forward + backward, {precision}: median ms of {reps}")
+    for name, B, N, heads in [("cpu preset, 64 px", 128, 65, 3), ("cpu preset, 32 px", 256, 17, 3),
+                              ("ViT-S/16, 224 px", 16, 197, 6), ("ViT-S/16, 96 px", 48, 37, 6)]:
+        q, k, v = (torch.randn(B, heads, N, 64, device=device, requires_grad=True) for _ in range(3))
+        times = {}
+        for kernel in ("explicit", "sdpa"):
+            def call():
+                with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                    if kernel == "sdpa":
+                        x = F.scaled_dot_product_attention(q, k, v)
+                    else:
+                        x = ((q * 64 ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+                x.float().sum().backward()
+            times[kernel] = 1e3 * statistics.median(time_calls(call, device, reps, 3))
+        print(f"{name:18} {B:4} x {heads} heads x {N:3} tokens: explicit {times['explicit']:7.2f}, SDPA "
+              f"{times['sdpa']:7.2f}, SDPA / explicit {times['sdpa'] / times['explicit']:.2f}")
+
+
 def ms_per_image(fn, img, n, repeats=3):
     """Milliseconds per image on one thread (a loader worker's view), best of `repeats` runs of n images."""
     threads = torch.get_num_threads()
@@ -273,6 +295,8 @@ def get_args(argv=None):
                    "train.py's cpu preset (what `python train.py` runs).")
     p.add_argument("--aug_images", default=30, type=int, help="Images per augmentation timing.")
     p.add_argument("--profile", default=0, type=int, help="Profile N steps of ours and print the top ops.")
+    p.add_argument("--attention", action="store_true", help="Also time attention alone, written out vs SDPA, at "
+                   "the sequence lengths of both configurations (what vit.Attention chooses between).")
     return p.parse_args(argv)
 
 
@@ -348,6 +372,8 @@ def main(a):
         if "speedup" in cres:
             print(f"our step is {cres['speedup']:.2f}x faster than the official one")
 
+    if a.attention:
+        attention_kernels(device, precision)
     if not a.no_aug:
         img, L = sample_image(), 8  # the official default: 2 global + 8 local crops
         ours = augment.MultiCropAugmentation(local_crops_number=L, global_size=a.global_size, local_size=a.local_size)
