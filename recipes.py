@@ -26,6 +26,7 @@ and are only ever reported on. `digits` needs `pip install scikit-learn`, `mnist
     python recipes.py --supervised --only letters      # control: the same ViT trained with the labels
 """
 import argparse
+import functools
 import glob
 import json
 import os
@@ -104,6 +105,7 @@ def render_strokes(rng, label, split=None):
 LETTERS = "ABCDEFGHIJ"
 
 
+@functools.lru_cache(maxsize=None)
 def _fonts():
     return sorted(glob.glob("/usr/share/fonts/**/*.ttf", recursive=True))
 

@@ -101,7 +101,7 @@ HELP = {
 SCHEDULE_KEYS = ["arch", "patch_size", "depth", "out_dim", "epochs", "batch_size", "world_size", "lr", "min_lr",
                  "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher", "centering", "koleo_weight",
                  "center_momentum", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
-                 "freeze_last_layer", "local_crops_number", "data", "global_size", "local_size", "seed",
+                 "freeze_last_layer", "local_crops_number", "color_jitter", "data", "global_size", "local_size", "seed",
                  "no_centering", "no_sharpening"]
 
 

@@ -57,22 +57,19 @@ def test_eval_transform_resizes_by_256_over_224_then_centre_crops():
 
 
 @pytest.mark.parametrize("s", [1.0, 2.0, 3.0])
-def test_colour_jitter_strength_draws_factors_on_torchvision_colorjitter_ranges(s):
+def test_colour_jitter_strength_draws_factors_on_torchvision_colorjitter_ranges(s, monkeypatch):
     """--color_jitter s is T.ColorJitter(0.4s, 0.4s, 0.2s, 0.1s): brightness on [max(0, 1 - 0.4s), 1 + 0.4s], hue
     on [-min(0.1s, 0.5), min(0.1s, 0.5)]; s = 1 is the paper's ColorJitter(0.4, 0.4, 0.2, 0.1)."""
     import augment
     seen = {}
-    originals = {n: getattr(augment, n) for n in ("adjust_brightness", "adjust_contrast", "adjust_saturation",
-                                                  "adjust_hue")}
-    try:
-        for name, fn in originals.items():
-            setattr(augment, name, lambda x, f, name=name, fn=fn: (seen.setdefault(name, []).append(f), fn(x, f))[1])
-        aug = MultiCropAugmentation(local_crops_number=8, global_size=16, local_size=8, color_jitter=s)
-        for i in range(60):
-            aug(image(32, 32), torch.Generator().manual_seed(i))
-    finally:
-        for name, fn in originals.items():
-            setattr(augment, name, fn)
+    for name in ("adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue"):
+        def record(x, f, name=name, op=getattr(augment, name)):
+            seen.setdefault(name, []).append(f)
+            return op(x, f)
+        monkeypatch.setattr(augment, name, record)
+    aug = MultiCropAugmentation(local_crops_number=8, global_size=16, local_size=8, color_jitter=s)
+    for i in range(60):
+        aug(image(32, 32), torch.Generator().manual_seed(i))
     jitter = T.ColorJitter(0.4 * s, 0.4 * s, 0.2 * s, min(0.1 * s, 0.5))
     for name, (lo, hi) in [("adjust_brightness", jitter.brightness), ("adjust_contrast", jitter.contrast),
                            ("adjust_saturation", jitter.saturation), ("adjust_hue", jitter.hue)]:

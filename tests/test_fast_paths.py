@@ -123,12 +123,12 @@ def test_our_step_and_the_official_step_give_the_same_losses_in_fp32():
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
-
 def test_the_benchmark_times_train_py_s_own_step(monkeypatch):
     calls, step = [], train.train_one_step
     monkeypatch.setattr(train, "train_one_step", lambda *a, **kw: calls.append(1) or step(*a, **kw))
     benchmark.make_step(tiny_args(), torch.device("cpu"), "fp32")[0]()
     assert calls == [1]
+
 
 @pytest.mark.slow
 def test_compiled_backbone_equals_eager_forward_and_backward():

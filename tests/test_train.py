@@ -1,4 +1,5 @@
 """train.py: the EMA teacher, schedules, clipping, freezing, checkpoints, resume and DDP (Alg. 1, Sec. 3.2)."""
+import json
 import math
 import os
 import signal
@@ -101,7 +102,7 @@ def test_teacher_gets_no_gradients_and_sees_only_the_global_crops(folder, tmp_pa
 
 def test_a_short_run_gives_a_finite_loss_a_full_log_and_a_loadable_checkpoint(folder, tmp_path):
     train.main(train.get_args(tiny_args(folder, tmp_path)))
-    logs = [eval(line.replace("NaN", "float('nan')")) for line in open(tmp_path / "log.txt")]
+    logs = [json.loads(line) for line in open(tmp_path / "log.txt")]
     assert [log["epoch"] for log in logs] == [0, 1]
     for key in ("loss", "teacher_entropy", "kl", "lr", "wd", "momentum", "teacher_temp", "img_per_s"):
         assert math.isfinite(logs[-1][key]), key
@@ -221,7 +222,7 @@ def test_every_iteration_of_main_is_one_call_of_train_one_step(folder, tmp_path,
         return torch.tensor(losses[-1])
     monkeypatch.setattr(train, "train_one_step", recording)
     train.main(train.get_args(tiny_args(folder, tmp_path)))
-    logs = [eval(line.replace("NaN", "float('nan')")) for line in open(tmp_path / "log.txt")]
+    logs = [json.loads(line) for line in open(tmp_path / "log.txt")]
     assert len(losses) == 2 * 4  # 2 epochs of 32 images in batches of 8
     for epoch, log in enumerate(logs):  # the logged loss is the mean of the steps' losses
         assert log["loss"] == pytest.approx(np.mean(losses[4 * epoch:4 * epoch + 4]), rel=1e-6)
