@@ -9,7 +9,8 @@ Sections, measured in one run on one machine: (1) our step: train.train_one_step
 loop runs (schedules held at their base values, past the frozen-last-layer epochs); median of --steps after
 --warmup; FLOPs counted once with FlopCounterMode (teacher forward, student forward+backward, loss; attention as its
 matmuls whatever kernel runs it); MFU = achieved FLOP/s over the best FLOP/s of a square matmul in the precision
-used, measured here. Then the same for the step of train.py's cpu preset (vit_tiny/8, 64 images, 2x64 + 4x32,
+used, measured here; then every matmul of one step re-run alone (same shapes), summed: the step's time if all
+else were free. Then the same for the step of train.py's cpu preset (vit_tiny/8, 64 images, 2x64 + 4x32,
 K 256, KoLeo: what `python train.py` runs; --no_cpu_preset skips it). (2) The official step as shipped
 (main_dino.py, re-written here), at both configurations: fp32 on CPU (its autocast is CUDA's fp16), attention matrix
 materialised, the loss as a double loop over crop pairs, two host syncs per parameter in clipping, the default
@@ -19,6 +20,8 @@ augment.MultiCropAugmentation against the official torchvision/PIL pipeline endi
 The last line is one JSON object. Timings on a busy machine are not final: the load average is printed.
 """
 import argparse
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -34,10 +37,12 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image, ImageFilter, ImageOps
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import augment
 import checkpoint
+import distributed
 import train
 import vit
 from loss import DINOLoss
@@ -132,17 +137,19 @@ def matmul_peak_gflops(dtype, device, n, reps=20):
 
 
 def with_peak_memory(fn, device):
-    """(fn(), peak memory in MB while it ran): CUDA's allocated bytes; on CPU the growth of the resident set."""
+    """(fn(), peak memory in MB while it ran): CUDA's allocated bytes; on CPU the growth of the resident set (what
+    glibc kept from earlier frees, distributed.keep_freed_memory, is handed back first, or it would hide the growth)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return fn(), torch.cuda.max_memory_allocated(device) / 2 ** 20
     try:  # Linux: reset the resident high-water mark (VmHWM) to the current size, read both from /proc
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         status = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) / 1024
         before = status("VmRSS:")
         return fn(), status("VmHWM:") - before
-    except OSError:  # elsewhere: growth of the lifetime maximum (kB on Linux)
+    except (OSError, AttributeError):  # elsewhere: growth of the lifetime maximum (kB on Linux)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return fn(), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 
@@ -155,6 +162,47 @@ SDPA_FLOPS = {aten._scaled_dot_product_flash_attention_for_cpu: _fwd,
                                      aten._scaled_dot_product_flash_attention_backward,
                                      aten._scaled_dot_product_efficient_attention_backward,
                                      aten._scaled_dot_product_cudnn_attention_backward)}}
+
+
+# ============ the step's matmuls alone: where the rest of the time goes ============
+MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.convolution.default,
+           aten.convolution_backward.default, aten._scaled_dot_product_flash_attention_for_cpu.default,
+           aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
+
+
+class RecordMatmuls(TorchDispatchMode):
+    """Every matmul-like call below autograd and autocast (forward and backward), with its inputs' shapes,
+    strides and dtypes: what the step asks of the matmul kernels, whatever else runs around them."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATMULS:
+            spec = lambda a: (("T", tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else
+                              tuple(a) if isinstance(a, list) else a)  # lists (conv strides...) as tuples
+            self.calls.append((func, tuple(spec(a) for a in args), tuple(sorted((kwargs or {}).items()))))
+        return func(*args, **(kwargs or {}))
+
+
+def matmul_only_seconds(run, device, reps=5):
+    """Seconds that the matmuls of one call of `run` take when each runs alone here (same shapes, strides and
+    dtypes, random inputs; the best of `reps` per distinct call, times how often the step makes it), summed: the
+    step's time if everything but its matmuls were free."""
+    with RecordMatmuls() as rec:
+        run()
+    counts = {}
+    for call in rec.calls:
+        counts[call] = counts.get(call, 0) + 1
+    total = 0.0
+    for (func, spec, kw), n in counts.items():
+        def tensor(shape, stride, dtype):
+            size = 1 + sum((d - 1) * st for d, st in zip(shape, stride))  # the storage the strides reach
+            return torch.randn(size, device=device).to(dtype).as_strided(shape, stride)
+        args = [tensor(*a[1:]) if isinstance(a, tuple) and a and a[0] == "T" else a for a in spec]
+        total += n * min(time_calls(lambda: func(*args, **dict(kw)), device, reps, warmup=1))
+    return total
 
 
 # ============ the two steps ============
@@ -239,25 +287,33 @@ def sample_image(w=500, h=375):
 
 
 def attention_kernels(device, precision, reps=20):
-    """Forward + backward of attention alone, written out (softmax(q k^T / sqrt(d)) v) vs the fused SDPA kernel, at
-    the sequence lengths of both configurations: the measurement behind vit.Attention's choice on CPU."""
+    """Attention alone, written out (softmax(q k^T / sqrt(d)) v) vs the fused SDPA kernel, forward + backward (the
+    student) and forward only (the teacher), at the sequence lengths of both configurations, q, k and v cut from
+    one qkv projection as vit.Attention does: the measurement behind vit.Attention's choice on CPU."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    print(f"\nattention alone, forward + backward, {precision}: median ms of {reps}")
+    print(f"\nattention alone, {precision}: median ms of {reps}; SDPA / explicit below 1 means SDPA is faster")
+    print(f"{'':44}{'forward + backward':>30}{'forward only':>30}")
+    print(f"{'':44}{'explicit     SDPA  SDPA/expl.':>30}{'explicit     SDPA  SDPA/expl.':>30}")
     for name, B, N, heads in [("cpu preset, 64 px", 128, 65, 3), ("cpu preset, 32 px", 256, 17, 3),
                               ("ViT-S/16, 224 px", 16, 197, 6), ("ViT-S/16, 96 px", 48, 37, 6)]:
-        q, k, v = (torch.randn(B, heads, N, 64, device=device, requires_grad=True) for _ in range(3))
+        qkv = torch.randn(B, N, 3, heads, 64, device=device, requires_grad=True)
         times = {}
         for kernel in ("explicit", "sdpa"):
-            def call():
-                with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                    if kernel == "sdpa":
-                        x = F.scaled_dot_product_attention(q, k, v)
-                    else:
-                        x = ((q * 64 ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
-                x.float().sum().backward()
-            times[kernel] = 1e3 * statistics.median(time_calls(call, device, reps, 3))
-        print(f"{name:18} {B:4} x {heads} heads x {N:3} tokens: explicit {times['explicit']:7.2f}, SDPA "
-              f"{times['sdpa']:7.2f}, SDPA / explicit {times['sdpa'] / times['explicit']:.2f}")
+            for backward in (True, False):
+                def call():
+                    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None), \
+                            torch.set_grad_enabled(backward):
+                        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, 64), as vit.Attention
+                        if kernel == "sdpa":
+                            x = F.scaled_dot_product_attention(q, k, v)
+                        else:
+                            x = ((q * 64 ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+                    if backward:
+                        x.float().sum().backward()
+                times[kernel, backward] = 1e3 * statistics.median(time_calls(call, device, reps, 3))
+        cols = "".join(f"{times['explicit', bw]:9.2f}{times['sdpa', bw]:9.2f}"
+                       f"{times['sdpa', bw] / times['explicit', bw]:12.2f}" for bw in (True, False))
+        print(f"{name:18} {B:4} x {heads} heads x {N:3} tokens{cols}")
 
 
 def ms_per_image(fn, img, n, repeats=3):
@@ -304,6 +360,7 @@ def time_steps(targs, a, device, precision, peaks, peak, profile=True):
     """Our step (and the official one unless --no_baseline) at targs' shapes: (results, table rows, GFLOP/step)."""
     step, count_flops, compile_backbones = make_step(targs, device, precision)
     gflop = count_flops() / 1e9  # eager, before any compilation
+    matmul_s = matmul_only_seconds(step, device)
     if a.compile:
         compile_backbones()
         t0 = time.perf_counter()
@@ -314,7 +371,8 @@ def time_steps(targs, a, device, precision, peaks, peak, profile=True):
     s = statistics.median(times)
     res = dict(step_s=s, img_per_s=targs.batch_size / s, gflop_per_step=gflop, achieved_gflops=gflop / s,
                matmul_peak_gflops=peaks[precision], mfu=gflop / s / peaks[precision], peak_mem_mb=mem,
-               step_times=[round(t, 3) for t in times])
+               step_times=[round(t, 3) for t in times], matmul_only_s=matmul_s,
+               matmul_only_mfu=gflop / matmul_s / peaks[precision])
     rows = [("ours" + (" compiled" if a.compile else ""), precision, s, mem)]
     if a.profile and profile:
         with torch.profiler.profile() as prof:
@@ -342,7 +400,14 @@ def print_rows(rows, gflop, batch_size, peaks):
     print("peak: best GFLOP/s of a square matmul in that precision here; MFU = GFLOP/s / peak")
 
 
+def print_matmul_only(res):
+    s, mm = res["step_s"], res["matmul_only_s"]
+    print(f"ours: its matmuls alone (each re-run on its own, same shapes) take {mm:.3f} s of the {s:.3f} s step "
+          f"({mm / s:.0%}); with nothing else to do the step would reach MFU {res['matmul_only_mfu']:.2f}")
+
+
 def main(a):
+    distributed.keep_freed_memory()  # as train.py (distributed.init): freed tensors are reused, not page-faulted in
     device = torch.device(a.device)
     precision = train.resolve_precision(a.precision, device)
     flags = dict(arch=a.arch, patch=a.patch_size, depth=a.depth, batch_size=a.batch_size, global_size=a.global_size,
@@ -359,6 +424,7 @@ def main(a):
 
     res, rows, gflop = time_steps(targs, a, device, precision, peaks, peak)
     print_rows(rows, gflop, a.batch_size, peaks)
+    print_matmul_only(res)
     if "speedup" in res:
         print(f"our step is {res['speedup']:.2f}x faster than the official one")
     if not a.no_cpu_preset:  # the second configuration: the step `python train.py` runs, what students time
@@ -368,6 +434,7 @@ def main(a):
               f"{cpu.koleo_weight}")
         cres, crows, cgflop = time_steps(cpu, a, device, precision, peaks, peak, profile=False)
         print_rows(crows, cgflop, cpu.batch_size, peaks)
+        print_matmul_only(cres)
         res.update({f"cpu_preset_{k}": v for k, v in cres.items()})
         if "speedup" in cres:
             print(f"our step is {cres['speedup']:.2f}x faster than the official one")

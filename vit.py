@@ -42,10 +42,13 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, C/heads)
-        # The fused kernel computes the same maths without materialising the (N, N) matrix; on CPU under bf16
-        # autocast its backward is 2-10x slower than the explicit product for short sequences (benchmark.py), so
-        # there the attention matrix is written out. It is also written out when the maps are wanted (Fig. 3).
-        if return_attention or (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
+        # The fused kernel computes the same maths without materialising the (N, N) matrix. On CPU under bf16
+        # autocast its backward is 2-7x slower than the explicit product for these short sequences (AMD and Intel
+        # AMX CPUs), while its forward is as fast or faster (Intel AMX; `benchmark.py --attention`, docs/speed.md):
+        # so the matrix is written out there when a backward will follow (the student), and SDPA runs the
+        # forward-only calls (the teacher, evaluation). It is also written out when the maps are wanted (Fig. 3).
+        backward_follows = torch.is_grad_enabled() and x.requires_grad
+        if return_attention or (x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and backward_follows):
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # softmax(q k^T / sqrt(d)): (B, h, N, N)
             if return_attention:
                 return attn

@@ -59,6 +59,27 @@ def test_attention_under_cpu_bf16_autocast_takes_the_explicit_path_and_matches_f
     torch.testing.assert_close(g_ours, g_ref, rtol=0.05, atol=0.05)
 
 
+def test_forward_only_attention_under_cpu_bf16_autocast_takes_sdpa_and_matches_fp32(monkeypatch):
+    # the teacher's and evaluation's calls need no backward: there the fused kernel (faster forward) runs; the
+    # written-out product must not, and the result is still the fp32 attention up to bf16 rounding
+    torch.manual_seed(0)
+    attn = vit.Attention(48, num_heads=3).requires_grad_(False)  # as the teacher
+    x = torch.randn(4, 17, 48)
+    reference = benchmark.explicit_attention(attn, x)
+    calls = []
+    sdpa = vit.F.scaled_dot_product_attention
+    monkeypatch.setattr(vit.F, "scaled_dot_product_attention", lambda *a: calls.append(1) or sdpa(*a))
+    monkeypatch.setattr(torch.Tensor, "softmax", None)  # the written-out path would call it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = attn(x)
+        with torch.no_grad():  # evaluation: a trainable module under no_grad is forward-only too
+            attn.requires_grad_(True)
+            ours_no_grad = attn(x)
+    assert len(calls) == 2 and ours.dtype == torch.bfloat16
+    for y in (ours, ours_no_grad):
+        torch.testing.assert_close(y.float(), reference, rtol=0.05, atol=0.02)
+
+
 def test_official_double_loop_loss_equals_ours_and_updates_the_same_center():
     torch.manual_seed(0)
     ncrops, B, K = 5, 3, 32
@@ -128,6 +149,35 @@ def test_the_benchmark_times_train_py_s_own_step(monkeypatch):
     monkeypatch.setattr(train, "train_one_step", lambda *a, **kw: calls.append(1) or step(*a, **kw))
     benchmark.make_step(tiny_args(), torch.device("cpu"), "fp32")[0]()
     assert calls == [1]
+
+
+def test_the_matmul_only_time_replays_every_matmul_of_forward_and_backward():
+    # a linear layer's forward (addmm) and backward (two mm: input and weight gradients): three calls, each re-run
+    lin, x = torch.nn.Linear(8, 4), torch.randn(5, 8, requires_grad=True)
+    run = lambda: lin(x).square().sum().backward()
+    with benchmark.RecordMatmuls() as rec:
+        run()
+    assert sorted(str(func) for func, _, _ in rec.calls) == ["aten.addmm.default", "aten.mm.default", "aten.mm.default"]
+    assert 0 < benchmark.matmul_only_seconds(run, torch.device("cpu"), reps=1) < 1
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's mallopt and /proc")
+def test_freed_memory_is_kept_so_a_reallocated_tensor_does_not_page_fault_again():
+    import resource
+    import distributed
+    if not distributed.keep_freed_memory():
+        pytest.skip("not glibc")
+    faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: no worker's small allocation lands next to the block and splits it off
+    try:
+        for _ in range(2):  # the first round may grow the heap; from then on the same 64 MB block is reused
+            torch.empty(16 * 2 ** 20).fill_(1.0)
+        before = faults()
+        torch.empty(16 * 2 ** 20).fill_(1.0)  # 16,384 pages of 4 KB if it came fresh from the kernel (glibc default)
+        assert faults() - before < 1000
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
