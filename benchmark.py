@@ -296,7 +296,7 @@ def attention_kernels(device, precision, reps=20):
     print(f"{'':44}{'explicit     SDPA  SDPA/expl.':>30}{'explicit     SDPA  SDPA/expl.':>30}")
     for name, B, N, heads in [("cpu preset, 64 px", 128, 65, 3), ("cpu preset, 32 px", 256, 17, 3),
                               ("ViT-S/16, 224 px", 16, 197, 6), ("ViT-S/16, 96 px", 48, 37, 6)]:
-        qkv = torch.randn(B, N, 3, heads, 64, device=device, requires_grad=True)
+        qkv = torch.randn(B, N, 3, heads, 64, device=device).to(dtype or torch.float32).requires_grad_()  # as qkv(x)
         times = {}
         for kernel in ("explicit", "sdpa"):
             for backward in (True, False):
