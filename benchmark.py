@@ -20,8 +20,6 @@ augment.MultiCropAugmentation against the official torchvision/PIL pipeline endi
 The last line is one JSON object. Timings on a busy machine are not final: the load average is printed.
 """
 import argparse
-import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -143,13 +141,13 @@ def with_peak_memory(fn, device):
         torch.cuda.reset_peak_memory_stats(device)
         return fn(), torch.cuda.max_memory_allocated(device) / 2 ** 20
     try:  # Linux: reset the resident high-water mark (VmHWM) to the current size, read both from /proc
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        distributed.release_freed_memory()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         status = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) / 1024
         before = status("VmRSS:")
         return fn(), status("VmHWM:") - before
-    except (OSError, AttributeError):  # elsewhere: growth of the lifetime maximum (kB on Linux)
+    except OSError:  # elsewhere: growth of the lifetime maximum (kB on Linux)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return fn(), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 
@@ -195,11 +193,11 @@ def matmul_only_seconds(run, device, reps=5):
     counts = {}
     for call in rec.calls:
         counts[call] = counts.get(call, 0) + 1
+    def tensor(shape, stride, dtype):
+        size = 1 + sum((d - 1) * st for d, st in zip(shape, stride))  # the storage the strides reach
+        return torch.randn(size, device=device).to(dtype).as_strided(shape, stride)
     total = 0.0
     for (func, spec, kw), n in counts.items():
-        def tensor(shape, stride, dtype):
-            size = 1 + sum((d - 1) * st for d, st in zip(shape, stride))  # the storage the strides reach
-            return torch.randn(size, device=device).to(dtype).as_strided(shape, stride)
         args = [tensor(*a[1:]) if isinstance(a, tuple) and a and a[0] == "T" else a for a in spec]
         total += n * min(time_calls(lambda: func(*args, **dict(kw)), device, reps, warmup=1))
     return total

@@ -23,17 +23,29 @@ import torch
 import torch.distributed as dist
 
 
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def keep_freed_memory():
     """Ask glibc to keep freed memory for reuse instead of returning it to the kernel (Linux; elsewhere nothing).
     Returns True if it took effect. Loader workers started after this (fork) inherit it."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = _libc()
         m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
         big = 2 ** 31 - 1  # 2 GB: blocks below it come from the heap, and the heap is never trimmed below it
         ok = libc.mallopt(m_mmap_threshold, big) or libc.mallopt(m_mmap_threshold, 32 * 2 ** 20)  # older glibc: 32 MB
         return bool(ok and libc.mallopt(m_trim_threshold, big))
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
         return False
+
+
+def release_freed_memory():
+    """Hand what glibc keeps back to the kernel now (benchmark.py, before it measures a peak); elsewhere nothing."""
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def init():
