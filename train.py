@@ -40,17 +40,17 @@ from loss import DINOLoss, koleo_loss
 # Recipes: the paper's (Sec. 3.2 "Implementation details") and a small one that learns on 2 CPU cores in ~10 minutes.
 # Every value can be overridden by its flag; the help of each flag prints both presets.
 PRESETS = {
-    "paper": dict(arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=True, momentum_teacher=0.996,
-                  centering="ema", koleo_weight=0.0, center_momentum=0.9, warmup_teacher_temp=0.04,
-                  teacher_temp=0.07, warmup_teacher_temp_epochs=30,
+    "paper": dict(arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=True, use_bn_in_head=False,
+                  momentum_teacher=0.996, centering="ema", koleo_weight=0.0, center_momentum=0.9,
+                  warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
                   weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0, batch_size=64, epochs=100,
                   freeze_last_layer=1, lr=0.0005, warmup_epochs=10, min_lr=1e-6, drop_path_rate=0.1,
                   global_crops_scale=(0.4, 1.0), local_crops_number=10, local_crops_scale=(0.05, 0.4),
                   global_size=224, local_size=96, blur_radius=(0.1, 2.0), color_jitter=1.0, depth=12, knn_every=0,
                   num_workers=10, stop_on_collapse=False),
-    "cpu": dict(arch="vit_tiny", patch_size=8, out_dim=256, norm_last_layer=True, momentum_teacher=0.95,
-                centering="ema", koleo_weight=0.1, center_momentum=0.0, warmup_teacher_temp=0.02,
-                teacher_temp=0.02, warmup_teacher_temp_epochs=0,
+    "cpu": dict(arch="vit_tiny", patch_size=8, out_dim=256, norm_last_layer=True, use_bn_in_head=False,
+                momentum_teacher=0.95, centering="ema", koleo_weight=0.1, center_momentum=0.0,
+                warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=0,
                 weight_decay=0.04, weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=8,
                 freeze_last_layer=0, lr=0.002, warmup_epochs=1, min_lr=1e-5, drop_path_rate=0.0,
                 global_crops_scale=(0.4, 1.0), local_crops_number=4, local_crops_scale=(0.05, 0.4),
@@ -63,6 +63,8 @@ HELP = {
     "depth": "Number of Transformer blocks (12 in the paper; fewer for a quick CPU run).",
     "out_dim": "K, the dimension of the DINO head output; large K (65536) helps on ImageNet.",
     "norm_last_layer": "Fix the norm of the last head layer to 1 (stabler; set False for better ViT-S results).",
+    "use_bn_in_head": "BatchNorm in the hidden layers of the head (official option; off for ViTs; it did not help "
+                      "the CPU recipe: docs/recipe.md). Statistics over the global batch on CUDA (SyncBatchNorm).",
     "momentum_teacher": "Base EMA momentum of the teacher, raised to 1 on a cosine. Raise it (0.9995) for small "
                         "batches; 0 makes the teacher a plain copy of the student (an ablation that collapses).",
     "centering": "How the teacher output is kept from collapsing to one dimension: ema (the centre of Eq. 4) or "
@@ -98,9 +100,9 @@ HELP = {
     "num_workers": "Data loading processes per training process (0 on 2 cores: workers would take the step's cores).",
 }
 # changing these on resume would silently change the schedules or the model
-SCHEDULE_KEYS = ["arch", "patch_size", "depth", "out_dim", "epochs", "batch_size", "world_size", "lr", "min_lr",
-                 "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher", "centering", "koleo_weight",
-                 "center_momentum", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
+SCHEDULE_KEYS = ["arch", "patch_size", "depth", "out_dim", "use_bn_in_head", "epochs", "batch_size", "world_size",
+                 "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher", "centering",
+                 "koleo_weight", "center_momentum", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
                  "freeze_last_layer", "local_crops_number", "color_jitter", "data", "global_size", "local_size", "seed",
                  "no_centering", "no_sharpening"]
 
@@ -232,7 +234,8 @@ class MultiCropWrapper(nn.Module):
 def build_model(args, drop_path_rate):
     backbone = vit.ARCHS[args.arch](patch_size=args.patch_size, img_size=args.global_size, depth=args.depth,
                                     drop_path_rate=drop_path_rate)
-    return MultiCropWrapper(backbone, DINOHead(backbone.embed_dim, args.out_dim, norm_last_layer=args.norm_last_layer))
+    head = DINOHead(backbone.embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer)
+    return MultiCropWrapper(backbone, head)
 
 
 # ============ optimisation: schedules, weight-decay groups, clipping, the momentum teacher ============
@@ -328,6 +331,8 @@ def main(args):
     teacher = build_model(args, 0.0).to(device)  # no drop-path in the teacher
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)  # the teacher is never trained by gradients, only by the EMA of the student
+    if args.use_bn_in_head and dist.is_initialized() and device.type == "cuda":  # BN over the global batch (official)
+        student, teacher = map(nn.SyncBatchNorm.convert_sync_batchnorm, (student, teacher))
     student_ddp = DistributedDataParallel(student) if dist.is_initialized() else student
     torch.manual_seed(args.seed + rank)  # from here: drop-path draws, different on every rank
     dino_loss = DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,

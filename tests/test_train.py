@@ -142,6 +142,16 @@ def test_center_momentum_flag_reaches_the_loss(folder, tmp_path, monkeypatch):
     assert seen == [0.25]
 
 
+def test_use_bn_in_head_puts_batchnorm_in_both_heads_whose_statistics_follow_the_batches(folder, tmp_path):
+    has_bn = lambda args: any(isinstance(m, torch.nn.BatchNorm1d) for m in train.build_model(args, 0.0).modules())
+    assert not has_bn(train.get_args(tiny_args(folder, tmp_path)))  # off by default, as in the official code
+    train.main(train.get_args(tiny_args(folder, tmp_path, "--use_bn_in_head", "true", "--epochs", "1")))
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    for net in ("student", "teacher"):  # the teacher runs in training mode, as official: batch statistics
+        means = [v for k, v in ckpt[net].items() if k.startswith("head.") and k.endswith("running_mean")]
+        assert len(means) == 2 and all(m.abs().sum() > 0 for m in means), net
+
+
 def test_resuming_with_flags_that_change_the_schedules_is_refused(folder, tmp_path):
     train.main(train.get_args(tiny_args(folder, tmp_path, "--stop_after_epoch", "0")))
     with pytest.raises(train.UserError, match="--lr"):
