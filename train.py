@@ -1,6 +1,6 @@
 """DINO training: a student learns to match a momentum teacher across multi-crop views (paper Alg. 1, Sec. 3).
 
-    python train.py                                   # CPU recipe on the embedded dataset, about 10 minutes
+    python train.py                                   # CPU recipe on the embedded dataset: 7-27 min (README)
     python train.py --data /path/to/images            # the paper recipe on an image folder (one GPU)
     torchrun --nproc_per_node=8 train.py --arch vit_small --patch 16 --data /path/imagenet/train
 
@@ -37,7 +37,7 @@ import vit
 from head import DINOHead
 from loss import DINOLoss, koleo_loss
 
-# Recipes: the paper's (Sec. 3.2 "Implementation details") and a small one that learns on 2 CPU cores in ~10 minutes.
+# Recipes: the paper's (Sec. 3.2 "Implementation details") and a small one that learns on 2 CPU cores in minutes.
 # Every value can be overridden by its flag; the help of each flag prints both presets.
 PRESETS = {
     "paper": dict(arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=True, use_bn_in_head=False,
