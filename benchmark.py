@@ -16,7 +16,9 @@ K 256, KoLeo: what `python train.py` runs; --no_cpu_preset skips it). (2) The of
 materialised, the loss as a double loop over crop pairs, two host syncs per parameter in clipping, the default
 AdamW (a for-loop on CPU), EMA as a loop, loss.item().
 (3) The multi-crop augmentation per image per loader worker (2x224 + 8x96 of a 500x375 image, 1 process, 1 thread):
-augment.MultiCropAugmentation against the official torchvision/PIL pipeline ending in ToTensor + Normalize.
+augment.MultiCropAugmentation, a batch of --aug_images images at once as train.py's collate makes them, against the
+official torchvision/PIL pipeline ending in ToTensor + Normalize, image by image; then the same at the cpu preset's
+sizes (2x64 + 4x32 of a 64 px image of the embedded data).
 The last line is one JSON object. Timings on a busy machine are not final: the load average is printed.
 """
 import argparse
@@ -40,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import augment
 import checkpoint
+import data
 import distributed
 import train
 import vit
@@ -90,10 +93,12 @@ def official_clip_gradients(model, clip):
     return norms
 
 
-def official_augmentation(global_size=224, local_size=96, local_crops_number=8):
-    """Official DataAugmentationDINO: torchvision transforms on PIL images, normalised float tensors out."""
+def official_augmentation(global_size=224, local_size=96, local_crops_number=8, global_crops_scale=(0.4, 1.0),
+                          local_crops_scale=(0.05, 0.4), blur_radius=(0.1, 2.0)):
+    """Official DataAugmentationDINO: torchvision transforms on PIL images, normalised float tensors out (the
+    defaults are the official code's; the others give the same pipeline at the cpu preset's sizes)."""
     def blur(p):  # utils.GaussianBlur: PIL's, radius U(0.1, 2), applied with probability p
-        return T.Lambda(lambda im: im.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+        return T.Lambda(lambda im: im.filter(ImageFilter.GaussianBlur(radius=random.uniform(*blur_radius)))
                         if random.random() <= p else im)
     solarize = T.Lambda(lambda im: ImageOps.solarize(im) if random.random() < 0.2 else im)  # utils.Solarization
     flip_and_color_jitter = T.Compose([
@@ -102,9 +107,9 @@ def official_augmentation(global_size=224, local_size=96, local_crops_number=8):
         T.RandomGrayscale(p=0.2)])
     normalize = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     crop = lambda size, scale: T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC)
-    global1 = T.Compose([crop(global_size, (0.4, 1.0)), flip_and_color_jitter, blur(1.0), normalize])
-    global2 = T.Compose([crop(global_size, (0.4, 1.0)), flip_and_color_jitter, blur(0.1), solarize, normalize])
-    local = T.Compose([crop(local_size, (0.05, 0.4)), flip_and_color_jitter, blur(0.5), normalize])
+    global1 = T.Compose([crop(global_size, global_crops_scale), flip_and_color_jitter, blur(1.0), normalize])
+    global2 = T.Compose([crop(global_size, global_crops_scale), flip_and_color_jitter, blur(0.1), solarize, normalize])
+    local = T.Compose([crop(local_size, local_crops_scale), flip_and_color_jitter, blur(0.5), normalize])
     return lambda img: [global1(img), global2(img)] + [local(img) for _ in range(local_crops_number)]
 
 
@@ -314,14 +319,34 @@ def attention_kernels(device, precision, reps=20):
         print(f"{name:18} {B:4} x {heads} heads x {N:3} tokens{cols}")
 
 
-def ms_per_image(fn, img, n, repeats=3):
-    """Milliseconds per image on one thread (a loader worker's view), best of `repeats` runs of n images."""
+def ms_per_image(fn, n, repeats=3):
+    """Milliseconds per image on one thread (a loader worker's view), best of `repeats` calls of fn(), which
+    augments n images."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return 1e3 * min(time_calls(lambda: [fn(img) for _ in range(n)], torch.device("cpu"), repeats, 1)) / n
+        return 1e3 * min(time_calls(fn, torch.device("cpu"), repeats, 1)) / n
     finally:
         torch.set_num_threads(threads)
+
+
+def augmentation(img, kw, n, title):
+    """Ours (n copies of img as one batch, as train.py's collate makes them) against the official pipeline (image
+    by image, as its Dataset does) with the same crop sizes, scales and blur radii; prints a table."""
+    ours = augment.MultiCropAugmentation(**kw)
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    random.seed(0), torch.manual_seed(0)
+    official = official_augmentation(kw["global_size"], kw["local_size"], kw["local_crops_number"],
+                                     kw.get("global_crops_scale", (0.4, 1.0)), kw.get("local_crops_scale", (0.05, 0.4)),
+                                     kw.get("blur_radius", (0.1, 2.0)))
+    res = {"aug_ms_per_img": ms_per_image(lambda: ours.batch([img] * n, gens), n),
+           "aug_official_ms_per_img": ms_per_image(lambda: [official(img) for _ in range(n)], n)}
+    res["aug_speedup"] = res["aug_official_ms_per_img"] / res["aug_ms_per_img"]
+    print(f"\naugmentation: {title.format(**kw)}, 1 process, 1 thread, {n} images\n{'':14}{'ms/img':>8}{'img/s':>7}")
+    for name, ms in (("ours", res["aug_ms_per_img"]), ("official", res["aug_official_ms_per_img"])):
+        print(f"{name:14}{ms:>8.2f}{1e3 / ms:>7.1f}")
+    print(f"our augmentation is {res['aug_speedup']:.2f}x faster than the official one")
+    return res
 
 
 # ============ main ============
@@ -347,7 +372,8 @@ def get_args(argv=None):
     p.add_argument("--no_aug", action="store_true", help="Skip the augmentation section.")
     p.add_argument("--no_cpu_preset", action="store_true", help="Skip the second configuration: the step of "
                    "train.py's cpu preset (what `python train.py` runs).")
-    p.add_argument("--aug_images", default=30, type=int, help="Images per augmentation timing.")
+    p.add_argument("--aug_images", default=64, type=int,
+                   help="Images per augmentation timing (ours as one batch, as train.py's collate: a batch of 64).")
     p.add_argument("--profile", default=0, type=int, help="Profile N steps of ours and print the top ops.")
     p.add_argument("--attention", action="store_true", help="Also time attention alone, written out vs SDPA, at "
                    "the sequence lengths of both configurations (what vit.Attention chooses between).")
@@ -440,20 +466,17 @@ def main(a):
     if a.attention:
         attention_kernels(device, precision)
     if not a.no_aug:
-        img, L = sample_image(), 8  # the official default: 2 global + 8 local crops
-        ours = augment.MultiCropAugmentation(local_crops_number=L, global_size=a.global_size, local_size=a.local_size)
-        g = torch.Generator().manual_seed(0)
-        random.seed(0), torch.manual_seed(0)
-        res["aug_ms_per_img"] = ms_per_image(lambda im: ours(im, g), img, a.aug_images)
-        official = official_augmentation(a.global_size, a.local_size, L)
-        res["aug_official_ms_per_img"] = ms_per_image(official, img, a.aug_images)
-        res["aug_speedup"] = res["aug_official_ms_per_img"] / res["aug_ms_per_img"]
-        print(f"\naugmentation: 2x{a.global_size} + {L}x{a.local_size} of a {img.width}x{img.height} image, "
-              f"1 process, 1 thread\n{'':14}{'ms/img':>8}{'img/s':>7}")
-        for name in ("ours", "official"):
-            ms = res["aug_ms_per_img" if name == "ours" else "aug_official_ms_per_img"]
-            print(f"{name:14}{ms:>8.2f}{1e3 / ms:>7.1f}")
-        print(f"our augmentation is {res['aug_speedup']:.2f}x faster than the official one")
+        paper = dict(local_crops_number=8, global_size=a.global_size, local_size=a.local_size)  # official default
+        res.update(augmentation(sample_image(), paper, a.aug_images, "2x{global_size} + {local_crops_number}x"
+                                "{local_size} of a 500x375 image"))
+        if not a.no_cpu_preset:  # the views `python train.py` makes, of a 64 px image of the embedded data
+            cpu = train.get_args(["--preset", "cpu"])
+            keys = ("global_crops_scale", "local_crops_scale", "local_crops_number", "global_size", "local_size",
+                    "blur_radius", "color_jitter")
+            image = Image.fromarray(data.generate(1)[0][0])
+            res.update({f"cpu_preset_{k}": v for k, v in augmentation(image, {k: getattr(cpu, k) for k in keys},
+                        a.aug_images, "the cpu preset's 2x{global_size} + {local_crops_number}x{local_size} of a "
+                        "64 px image").items()})
 
     print(f"load average at the end: {load()}")
     res.update(flags, ncrops=2 + a.local_crops_number, precision=precision, compile=a.compile, device=str(device),

@@ -182,7 +182,8 @@ def presets_table():
 
 # ============ the views and the networks ============
 class MultiCropDataset(Dataset):
-    """The views of image i in epoch e come from a generator seeded with (seed, e, i): reproducible anywhere."""
+    """The views of image i in epoch e come from a generator seeded with (seed, e, i): reproducible anywhere.
+    An item is (image, its generator); `collate` makes the views of a whole batch at once (augment.py)."""
 
     def __init__(self, base, transform, seed):
         self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
@@ -192,8 +193,11 @@ class MultiCropDataset(Dataset):
 
     def __getitem__(self, i):
         img, _ = self.base[i]  # the label is never used for training
-        g = torch.Generator().manual_seed((self.seed * 10_000 + self.epoch) * 100_000_000 + i)
-        return self.transform(img, g)
+        return img, torch.Generator().manual_seed((self.seed * 10_000 + self.epoch) * 100_000_000 + i)
+
+    def collate(self, items):
+        """[(image, generator), ...] -> [global1, global2, local1, ...], uint8 (B, 3, H, W) each."""
+        return self.transform.batch([img for img, _ in items], [g for _, g in items])
 
 
 def multicrop_data(args, rank, world):
@@ -419,7 +423,7 @@ def epoch_loader(dataset, sampler, epoch, done, args, device):
     dataset.epoch = epoch
     indices = list(sampler)[done * args.batch_size:]
     return DataLoader(dataset, batch_size=args.batch_size, sampler=indices, num_workers=args.num_workers,
-                      drop_last=True, pin_memory=device.type == "cuda",
+                      collate_fn=dataset.collate, drop_last=True, pin_memory=device.type == "cuda",
                       generator=torch.Generator().manual_seed(args.seed + epoch))
 
 

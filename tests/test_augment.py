@@ -64,7 +64,7 @@ def test_colour_jitter_strength_draws_factors_on_torchvision_colorjitter_ranges(
     seen = {}
     for name in ("adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue"):
         def record(x, f, name=name, op=getattr(augment, name)):
-            seen.setdefault(name, []).append(f)
+            seen.setdefault(name, []).extend(torch.as_tensor(f).flatten().tolist())  # one factor per crop
             return op(x, f)
         monkeypatch.setattr(augment, name, record)
     aug = MultiCropAugmentation(local_crops_number=8, global_size=16, local_size=8, color_jitter=s)
@@ -76,3 +76,64 @@ def test_colour_jitter_strength_draws_factors_on_torchvision_colorjitter_ranges(
         f = np.array(seen[name])
         assert lo <= f.min() and f.max() <= hi
         assert f.min() < lo + 0.1 * (hi - lo) and f.max() > hi - 0.1 * (hi - lo)  # the whole range is drawn
+
+
+def reference_view(img, plan, size):
+    """One view made straight from its plan, one operation after another (the official order), as a check on the
+    batched path: img a PIL image, plan an augment.ViewPlan."""
+    import augment
+    left, top, right, bottom = plan.box
+    pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]
+    x = torch.nn.functional.interpolate(pixels[..., top:bottom, left:right], size=(size, size), mode="bicubic",
+                                        antialias=True).float()
+    for k, factor in plan.jitter:
+        x = getattr(augment, augment.JITTER[k])(x, factor)
+    if plan.gray:
+        x = augment.grayscale(x).expand_as(x)
+    if plan.blur:
+        x = augment.gaussian_blur(x, *augment.box_radius(plan.blur))
+    x = x.round().clamp(0, 255)
+    if plan.solarize:
+        x = torch.where(x >= 128, 255 - x, x)  # ImageOps.solarize(threshold=128)
+    if plan.flip:
+        x = x.flip(-1)
+    return x[0].to(torch.uint8)
+
+
+def assert_same_up_to_rounding(a, b):
+    diff = (a.int() - b.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3  # float rounding moves a rare pixel by one level
+
+
+@pytest.mark.parametrize("chunk_pixels", [1, 1 << 18])
+def test_a_batch_gives_every_view_its_own_plan_applied_in_order(chunk_pixels, monkeypatch):
+    """aug.batch runs each operation once on all the crops that take it; each view must still be its own plan
+    applied in order (colour operations in the drawn order, then grayscale, blur, solarize, flip), whatever the
+    images' sizes and however the crops are chunked (1 pixel: one crop at a time)."""
+    import augment
+    monkeypatch.setattr(augment, "CHUNK_PIXELS", chunk_pixels)
+    aug = MultiCropAugmentation(local_crops_number=6, global_size=40, local_size=24)  # the paper's blur radii
+    images = [image(120, 90, 0), image(50, 70, 1), image(64, 64, 2), image(33, 90, 3)] * 3
+    seeds = range(len(images))
+    views = aug.batch(images, [torch.Generator().manual_seed(s) for s in seeds])
+    assert [tuple(v.shape) for v in views] == [(len(images), 3, 40, 40)] * 2 + [(len(images), 3, 24, 24)] * 6
+    plans = []
+    for i, (img, s) in enumerate(zip(images, seeds)):
+        plan = aug.plan(img.width, img.height, torch.Generator().manual_seed(s))
+        for j, p in enumerate(plan):
+            assert_same_up_to_rounding(views[j][i], reference_view(img, p, 40 if j < 2 else 24))
+        plans += plan
+    # the check covers what it is about: every branch, both integer blur radii, many jitter orders
+    assert all(any(getattr(p, k) for p in plans) and not all(getattr(p, k) for p in plans)
+               for k in ("flip", "gray", "blur", "solarize", "jitter"))
+    assert {augment.box_radius(p.blur)[0] for p in plans if p.blur} == {0, 1}
+    assert len({tuple(k for k, _ in p.jitter) for p in plans if p.jitter}) >= 12
+
+
+def test_an_image_gets_the_same_views_alone_and_in_a_batch():
+    aug = MultiCropAugmentation(local_crops_number=3, global_size=32, local_size=16)
+    images = [image(120, 90, 0), image(40, 30, 1), image(64, 64, 2)]
+    batch = aug.batch(images, [torch.Generator().manual_seed(10 + i) for i in range(3)])
+    for i, img in enumerate(images):
+        for j, view in enumerate(aug(img, torch.Generator().manual_seed(10 + i))):
+            assert_same_up_to_rounding(batch[j][i], view)

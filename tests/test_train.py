@@ -236,3 +236,17 @@ def test_every_iteration_of_main_is_one_call_of_train_one_step(folder, tmp_path,
     assert len(losses) == 2 * 4  # 2 epochs of 32 images in batches of 8
     for epoch, log in enumerate(logs):  # the logged loss is the mean of the steps' losses
         assert log["loss"] == pytest.approx(np.mean(losses[4 * epoch:4 * epoch + 4]), rel=1e-6)
+
+
+def test_loader_workers_give_the_batches_of_the_main_process(folder, tmp_path):
+    """The views of a batch are made in the DataLoader's collate step (augment.MultiCropAugmentation.batch), in a
+    worker process when --num_workers > 0; a batch's views depend on (seed, epoch, image) only, not on where."""
+    batches = {}
+    for workers in (0, 2):
+        args = train.get_args(tiny_args(folder, tmp_path, "--num_workers", str(workers)))
+        dataset, sampler, _ = train.multicrop_data(args, 0, 1)
+        batches[workers] = list(train.epoch_loader(dataset, sampler, 1, 0, args, torch.device("cpu")))
+    assert len(batches[0]) == len(batches[2]) == 4  # 32 images, batch 8
+    for main, worker in zip(batches[0], batches[2]):
+        assert [tuple(v.shape) for v in main] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 2
+        assert all(torch.equal(a, b) for a, b in zip(main, worker))
