@@ -14,7 +14,7 @@ saturation 0.2, hue 0.1, in a random order) -> grayscale (p 0.2) -> Gaussian blu
 `DataAugmentationDINO`). Choices that differ from the official code without changing the distribution of the views:
 - the image becomes a uint8 tensor once; each crop is resized by torch's antialiased bicubic kernel (PIL's filter,
   several times faster), the colour operations run on the small float crop (exact HSV hue rotation instead of
-  PIL's 8-bit HSV round trip) and the blur is PIL's three box passes written as tensor ops: about 3x faster per
+  PIL's 8-bit HSV round trip) and the blur is PIL's three box passes written as tensor ops: 2-5x faster per
   image than the official PIL pipeline (`python benchmark.py`), the same views up to 8-bit rounding;
 - all random draws of a view are made first (`plan_view`), then each operation runs once on all the crops of a
   batch that take it, with one factor per crop: for small crops the per-call cost of a tensor operation, not the
