@@ -87,3 +87,16 @@ def test_collapse_verdict_uses_train_py_thresholds():
     assert recipes.collapse_state([{"teacher_entropy": 0.01 * log_k}], 256) == "one-hot"
     assert recipes.collapse_state([{"teacher_entropy": 0.7 * log_k}], 256) == "no"
     assert train.collapse_kind(0.99 * log_k, 256) == "uniform" and train.collapse_kind(0.7 * log_k, 256) is None
+
+
+def test_the_supervised_control_reports_val_accuracy_per_epoch_at_the_lr_it_is_given(tmp_path, monkeypatch):
+    import data
+    import torch
+    folder = data.make_folder_dataset(str(tmp_path), n_train=128, n_val=32, size=recipes.SIZE, variant="shapes")
+    peaks = []
+    real = torch.optim.lr_scheduler.OneCycleLR
+    monkeypatch.setattr(torch.optim.lr_scheduler, "OneCycleLR",
+                        lambda opt, max_lr, **kw: peaks.append(max_lr) or real(opt, max_lr, **kw))
+    accuracies = recipes.supervised(folder, epochs=2, lr=3e-4)
+    assert len(accuracies) == 2 and all(0 <= a <= 100 for a in accuracies)
+    assert peaks == [3e-4]
