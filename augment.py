@@ -164,7 +164,7 @@ def _factor(strength, u):
 # 28 of 96 px, 5 of 224 px. Then a small tensor operation's per-call cost is paid once for many crops (the cpu
 # preset's views 2.5x faster than one image at a time); larger chunks fall out of the CPU cache (docs/speed.md).
 CHUNK_PIXELS = 1 << 18
-JITTER = ("adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue")  # ColorJitter's four
+JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # ColorJitter's four, in its order
 
 
 class ViewPlan(NamedTuple):
@@ -251,16 +251,16 @@ class MultiCropAugmentation:
                     xs[n] = out[j]
 
         for step in range(4):  # the colour jitter: at each of its 4 steps, each operation on the crops due for it
-            for k, name in enumerate(JITTER):
+            for k, op in enumerate(JITTER):
                 due = [len(p.jitter) > step and p.jitter[step][0] == k for p in plans]
                 factor = [p.jitter[step][1] if d else 0.0 for p, d in zip(plans, due)]
-                on(lambda n: due[n], globals()[name], factor)  # looked up here, so tests can watch the factors
+                on(lambda n: due[n], op, factor)
         on(lambda n: plans[n].gray, lambda c: grayscale(c).expand_as(c))
         radius = [box_radius(p.blur) if p.blur else (0, 0.0) for p in plans]
         for l in sorted({r[0] for r, p in zip(radius, plans) if p.blur}):  # one call per integer part of the radius
             on(lambda n: plans[n].blur and radius[n][0] == l, lambda c, a: gaussian_blur(c, l, a),
                [r[1] for r in radius])
-        on(lambda n: True, lambda c: c.round_().clamp_(0, 255))
+        xs = list(torch.stack(xs).round_().clamp_(0, 255))
         on(lambda n: plans[n].solarize, lambda c: torch.minimum(c, 255 - c))  # ImageOps.solarize(128), whole numbers
         # every operation above is mirror-symmetric, so flipping last is the same as flipping first
         on(lambda n: plans[n].flip, lambda c: c.flip(-1))

@@ -336,9 +336,7 @@ def augmentation(img, kw, n, title):
     ours = augment.MultiCropAugmentation(**kw)
     gens = [torch.Generator().manual_seed(i) for i in range(n)]
     random.seed(0), torch.manual_seed(0)
-    official = official_augmentation(kw["global_size"], kw["local_size"], kw["local_crops_number"],
-                                     kw.get("global_crops_scale", (0.4, 1.0)), kw.get("local_crops_scale", (0.05, 0.4)),
-                                     kw.get("blur_radius", (0.1, 2.0)))
+    official = official_augmentation(**kw)
     res = {"aug_ms_per_img": ms_per_image(lambda: ours.batch([img] * n, gens), n),
            "aug_official_ms_per_img": ms_per_image(lambda: [official(img) for _ in range(n)], n)}
     res["aug_speedup"] = res["aug_official_ms_per_img"] / res["aug_ms_per_img"]
@@ -472,7 +470,7 @@ def main(a):
         if not a.no_cpu_preset:  # the views `python train.py` makes, of a 64 px image of the embedded data
             cpu = train.get_args(["--preset", "cpu"])
             keys = ("global_crops_scale", "local_crops_scale", "local_crops_number", "global_size", "local_size",
-                    "blur_radius", "color_jitter")
+                    "blur_radius")  # its --color_jitter is 1, the official strength
             image = Image.fromarray(data.generate(1)[0][0])
             res.update({f"cpu_preset_{k}": v for k, v in augmentation(image, {k: getattr(cpu, k) for k in keys},
                         a.aug_images, "the cpu preset's 2x{global_size} + {local_crops_number}x{local_size} of a "

@@ -62,11 +62,13 @@ def test_colour_jitter_strength_draws_factors_on_torchvision_colorjitter_ranges(
     on [-min(0.1s, 0.5), min(0.1s, 0.5)]; s = 1 is the paper's ColorJitter(0.4, 0.4, 0.2, 0.1)."""
     import augment
     seen = {}
-    for name in ("adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue"):
-        def record(x, f, name=name, op=getattr(augment, name)):
-            seen.setdefault(name, []).extend(torch.as_tensor(f).flatten().tolist())  # one factor per crop
+
+    def recording(op):
+        def record(x, f):
+            seen.setdefault(op.__name__, []).extend(torch.as_tensor(f).flatten().tolist())  # one factor per crop
             return op(x, f)
-        monkeypatch.setattr(augment, name, record)
+        return record
+    monkeypatch.setattr(augment, "JITTER", tuple(recording(op) for op in augment.JITTER))
     aug = MultiCropAugmentation(local_crops_number=8, global_size=16, local_size=8, color_jitter=s)
     for i in range(60):
         aug(image(32, 32), torch.Generator().manual_seed(i))
@@ -87,7 +89,7 @@ def reference_view(img, plan, size):
     x = torch.nn.functional.interpolate(pixels[..., top:bottom, left:right], size=(size, size), mode="bicubic",
                                         antialias=True).float()
     for k, factor in plan.jitter:
-        x = getattr(augment, augment.JITTER[k])(x, factor)
+        x = augment.JITTER[k](x, factor)
     if plan.gray:
         x = augment.grayscale(x).expand_as(x)
     if plan.blur:
