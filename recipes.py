@@ -28,6 +28,7 @@ skipped.
     python recipes.py --make_only --root /tmp/suite    # just write the folders
     python recipes.py --supervised --only letters      # control: the same ViT trained with the labels
     python recipes.py --supervised --only letters --supervised_epochs 16 --supervised_lr 3e-4   # a longer one
+    python recipes.py --supervised --only letters --supervised_stem conv   # ... with a convolutional stem
 """
 import argparse
 import functools
@@ -373,11 +374,30 @@ def make_folder(name, root, n_train=N_TRAIN, n_val=N_VAL):
 
 
 # --- a supervised control: can this backbone learn the folder at all, in this budget? -------------------------
-def supervised(folder, epochs=6, lr=1e-3, seed=0):
+class ConvStem(torch.nn.Module):
+    """A convolutional stem for the supervised control (Xiao et al. 2021, "Early convolutions help transformers
+    see better"): three 3x3 stride-2 convolutions of 48, 96, 192 channels, each with GroupNorm(1, C) and GELU,
+    then a 1x1 projection: the same 8x8 tokens of 192 dims as the patchify stem of vit_tiny/8 on 64 px. It is
+    not DINO's backbone; it measures how much of a folder the stem, rather than the recipe, holds back."""
+
+    def __init__(self, in_chans=3, embed_dim=192):
+        super().__init__()
+        layers, c = [], in_chans
+        for width in (48, 96, 192):
+            layers += [torch.nn.Conv2d(c, width, 3, 2, 1), torch.nn.GroupNorm(1, width), torch.nn.GELU()]
+            c = width
+        self.proj = torch.nn.Sequential(*layers, torch.nn.Conv2d(c, embed_dim, 1))
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H/8, W/8) -> (B, N, D), as vit.PatchEmbed
+
+
+def supervised(folder, epochs=6, lr=1e-3, seed=0, stem="patch"):
     """The cpu preset's ViT (vit_tiny/8, 4 blocks, 64 px) trained WITH the labels (AdamW, one-cycle to a peak lr,
     random shifts of up to 6 px): top-1 (%) on the val split after each epoch. A folder this does not learn tells
     little about DINO's recipe: the backbone, the budget or this recipe is the limit (on `letters` it stays near
-    chance for 6 epochs at either lr, and learns at lr 3e-4 over 16: docs/recipe.md)."""
+    chance for 6 epochs at either lr, and learns at lr 3e-4 over 16: docs/recipe.md). stem "conv" puts ConvStem in
+    place of the patchify convolution."""
     import torch.nn.functional as F
     import augment
     import vit
@@ -389,6 +409,8 @@ def supervised(folder, epochs=6, lr=1e-3, seed=0):
                           torch.tensor(ds.targets))  # (N, 3, H, W) uint8, (N,)
     (x_train, y_train), (x_val, y_val) = tensors["train"], tensors["val"]
     model = vit.vit_tiny(patch_size=8, img_size=SIZE, depth=4)
+    if stem == "conv":
+        model.patch_embed = ConvStem(3, model.embed_dim)
     classifier = torch.nn.Linear(model.embed_dim, int(y_train.max()) + 1)
     params = list(model.parameters()) + list(classifier.parameters())
     steps = len(x_train) // 64
@@ -479,6 +501,8 @@ def main(argv=None):
                    "on each folder (a control: can this backbone learn the folder in this budget?)")
     p.add_argument("--supervised_epochs", type=int, default=6, help="epochs of the supervised control")
     p.add_argument("--supervised_lr", type=float, default=1e-3, help="peak learning rate of the supervised control")
+    p.add_argument("--supervised_stem", choices=["patch", "conv"], default="patch", help="the control's ViT stem: "
+                   "the preset's patchify convolution, or ConvStem (three 3x3 convolutions: docs/recipe.md)")
     args = p.parse_args(argv)
     names = args.only or list(FOLDERS)
     if args.make_only:
@@ -490,7 +514,7 @@ def main(argv=None):
         for name in names:
             folder = name if FOLDERS[name][1] is None else make_folder(name, args.root)
             if folder:
-                accuracies = supervised(folder, args.supervised_epochs, args.supervised_lr)
+                accuracies = supervised(folder, args.supervised_epochs, args.supervised_lr, stem=args.supervised_stem)
                 print(f"{name}: supervised val top-1 per epoch {accuracies}", flush=True)
         return
     runs = os.path.join(args.runs, args.tag) if args.tag else args.runs

@@ -100,3 +100,27 @@ def test_the_supervised_control_reports_val_accuracy_per_epoch_at_the_lr_it_is_g
     accuracies = recipes.supervised(folder, epochs=2, lr=3e-4)
     assert len(accuracies) == 2 and all(0 <= a <= 100 for a in accuracies)
     assert peaks == [3e-4]
+
+
+def test_the_conv_stem_gives_the_patchify_tokens_and_is_what_the_control_trains(tmp_path, monkeypatch):
+    import data
+    import torch
+    import vit
+    x = torch.randn(2, 3, 64, 64)
+    patchify = vit.vit_tiny(patch_size=8, img_size=64, depth=1).patch_embed
+    assert recipes.ConvStem(3, 192)(x).shape == patchify(x).shape == (2, 64, 192)
+    built, stems = [], []
+    real = vit.vit_tiny
+    monkeypatch.setattr(vit, "vit_tiny", lambda **kw: built.append(real(**kw)) or built[-1])
+
+    class Recorded(recipes.ConvStem):
+        def __init__(self, *args):
+            super().__init__(*args)
+            stems.append((self, [p.detach().clone() for p in self.parameters()]))
+
+    monkeypatch.setattr(recipes, "ConvStem", Recorded)
+    folder = data.make_folder_dataset(str(tmp_path), n_train=64, n_val=16, size=recipes.SIZE, variant="shapes")
+    recipes.supervised(folder, epochs=1, stem="conv")
+    (stem, initial), = stems
+    assert built[-1].patch_embed is stem  # the stem replaced the patchify convolution of the trained ViT
+    assert any(not torch.equal(p, q) for p, q in zip(stem.parameters(), initial))  # and it was trained
