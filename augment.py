@@ -162,7 +162,7 @@ def _factor(strength, u):
 
 # Crops go through the operations together up to this many pixels a channel: 256 crops of 32 px, 64 of 64 px,
 # 28 of 96 px, 5 of 224 px. Then a small tensor operation's per-call cost is paid once for many crops (the cpu
-# preset's views 2.5x faster than one image at a time); larger chunks fall out of the CPU cache (docs/speed.md).
+# preset's views 2.5x faster than one image at a time); larger chunks fall out of the CPU cache (lab/notes/speed.md).
 CHUNK_PIXELS = 1 << 18
 JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # ColorJitter's four, in its order
 

@@ -11,7 +11,7 @@ every collective in the project is guarded by `dist.is_initialized()`.
 128 KB to 32 MB, by a sliding threshold) back to the kernel when it is freed, and the next tensor of that size
 page-faults its memory in again, zeroed. A training step frees and re-allocates the same tensors every iteration,
 so on CPU it spends part of its time in those faults (2-core Xeon: 70,000-90,000 faults per ViT-S step, the step
-5-10% slower; docs/speed.md). Keeping freed memory in the process is what the jemalloc or tcmalloc of PyTorch's
+5-10% slower; lab/notes/speed.md). Keeping freed memory in the process is what the jemalloc or tcmalloc of PyTorch's
 CPU tuning guide achieve; glibc's own `mallopt` does it without a new package.
 """
 import ctypes

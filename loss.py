@@ -13,7 +13,7 @@ statistics of Fig. 7: the teacher entropy h(P_t) and KL(P_t ‖ P_s) = H(P_t, P_
 
 `centering="sinkhorn"` replaces the centre by the Sinkhorn-Knopp normalisation of DINOv2 (Oquab et al. 2023,
 Sec. 4, from SwAV): P_t is rescaled, within the global batch, so that every prototype receives the same total mass.
-`koleo_loss` is DINOv2's KoLeo regulariser, which the CPU preset adds to the loss (docs/recipe.md).
+`koleo_loss` is DINOv2's KoLeo regulariser, which the CPU preset adds to the loss (docs/cpu_recipe.md).
 """
 import math
 

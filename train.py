@@ -64,15 +64,15 @@ HELP = {
     "out_dim": "K, the dimension of the DINO head output; large K (65536) helps on ImageNet.",
     "norm_last_layer": "Fix the norm of the last head layer to 1 (stabler; set False for better ViT-S results).",
     "use_bn_in_head": "BatchNorm in the hidden layers of the head (official option; off for ViTs; it did not help "
-                      "the CPU recipe: docs/recipe.md). Statistics over the global batch on CUDA (SyncBatchNorm).",
+                      "the CPU recipe: docs/cpu_recipe.md). Statistics over the global batch on CUDA (SyncBatchNorm).",
     "momentum_teacher": "Base EMA momentum of the teacher, raised to 1 on a cosine. Raise it (0.9995) for small "
                         "batches; 0 makes the teacher a plain copy of the student (an ablation that collapses).",
     "centering": "How the teacher output is kept from collapsing to one dimension: ema (the centre of Eq. 4) or "
-                 "sinkhorn (DINOv2's Sinkhorn-Knopp balancing of each batch; docs/recipe.md).",
+                 "sinkhorn (DINOv2's Sinkhorn-Knopp balancing of each batch; docs/cpu_recipe.md).",
     "koleo_weight": "Weight of DINOv2's KoLeo term, which spreads the student's [CLS] features within a batch (0: "
                     "off, as in DINO; DINOv2 uses 0.1).",
     "center_momentum": "EMA rate m of the centre c (Eq. 4); 0 centres on the previous batch's mean alone (small "
-                       "batches, short runs: docs/recipe.md).",
+                       "batches, short runs: docs/cpu_recipe.md).",
     "warmup_teacher_temp": "Initial teacher temperature; lower it if the loss does not decrease at the start.",
     "teacher_temp": "Teacher temperature after warm-up. 0.04-0.07 in the paper (above 0.07 is unstable); the CPU "
                     "preset's 0.02 swings between the two collapses with the paper's --center_momentum 0.9.",
@@ -172,7 +172,7 @@ def get_args(argv=None):
 
 
 def presets_table():
-    """The two recipes as a Markdown table (docs/recipe.md holds this exact text; a test checks they agree)."""
+    """The two recipes as a Markdown table (docs/cpu_recipe.md holds this exact text; a test checks they agree)."""
     rows = ["| flag | `--preset cpu` | `--preset paper` | what it does |", "|---|---|---|---|"]
     for k, v in PRESETS["paper"].items():
         fmt = lambda x: " ".join(map(str, x)) if isinstance(x, tuple) else str(x)
@@ -542,7 +542,7 @@ COLLAPSE_ADVICE = {
     "one-hot": "every image maps to the same dimension (sharpening not balanced by centring); try --centering "
                "sinkhorn, a higher --teacher_temp or a lower --lr",
     "uniform": "the teacher output is uniform (centring not balanced by sharpening); try --koleo_weight 0.1 (the "
-               "cpu preset's, measured in docs/recipe.md) or higher, or a lower --teacher_temp",
+               "cpu preset's, measured in docs/cpu_recipe.md) or higher, or a lower --teacher_temp",
 }
 
 

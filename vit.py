@@ -44,7 +44,7 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)  # each (B, heads, N, C/heads)
         # The fused kernel computes the same maths without materialising the (N, N) matrix. On CPU under bf16
         # autocast its backward is 2-7x slower than the explicit product for these short sequences (AMD and Intel
-        # AMX CPUs), while its forward is as fast or faster (Intel AMX; `benchmark.py --attention`, docs/speed.md):
+        # AMX CPUs), while its forward is as fast or faster (Intel AMX; `benchmark.py --attention`, lab/notes/speed.md):
         # so the matrix is written out there when a backward will follow (the student), and SDPA runs the
         # forward-only calls (the teacher, evaluation). It is also written out when the maps are wanted (Fig. 3).
         backward_follows = torch.is_grad_enabled() and x.requires_grad

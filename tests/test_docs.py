@@ -11,7 +11,7 @@ import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["train.py", "eval_knn.py", "eval_linear.py", "visualize_attention.py", "benchmark.py", "data.py",
-           "plot_log.py", "recipes.py"]
+           "lab/plot_log.py", "lab/plot_samples.py", "lab/recipes.py"]
 
 
 def read(name):
@@ -42,7 +42,7 @@ def known_flags():
 
 
 def test_the_presets_table_in_docs_is_the_one_generated_from_the_code():
-    assert train.presets_table() in read("docs/recipe.md")
+    assert train.presets_table() in read("docs/cpu_recipe.md")
 
 
 def test_every_preset_flag_has_help_that_states_both_preset_values():
@@ -53,7 +53,10 @@ def test_every_preset_flag_has_help_that_states_both_preset_values():
         assert f"cpu: {train.PRESETS['cpu'][key]}; paper: {train.PRESETS['paper'][key]}" in parser_help, key
 
 
-@pytest.mark.parametrize("doc", ["README.md", "EXERCISES.md", "docs/recipe.md", "docs/speed.md"])
+DOCS = ["README.md", "EXERCISES.md", "docs/cpu_recipe.md", "lab/README.md", "lab/notes/recipe.md", "lab/notes/speed.md"]
+
+
+@pytest.mark.parametrize("doc", DOCS)
 def test_every_flag_in_the_docs_exists_in_its_script(doc, known_flags):
     found = 0
     for script, args in commands(read(doc)):

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the repository's modules
 import data
 import train
 
@@ -396,7 +398,7 @@ def supervised(folder, epochs=6, lr=1e-3, seed=0, stem="patch"):
     """The cpu preset's ViT (vit_tiny/8, 4 blocks, 64 px) trained WITH the labels (AdamW, one-cycle to a peak lr,
     random shifts of up to 6 px): top-1 (%) on the val split after each epoch. A folder this does not learn tells
     little about DINO's recipe: the backbone, the budget or this recipe is the limit (on `letters` it stays near
-    chance for 6 epochs at either lr, and learns at lr 3e-4 over 16: docs/recipe.md). stem "conv" puts ConvStem in
+    chance for 6 epochs at either lr, and learns at lr 3e-4 over 16: lab/notes/recipe.md). stem "conv" puts ConvStem in
     place of the patchify convolution."""
     import torch.nn.functional as F
     import augment
@@ -440,8 +442,8 @@ def supervised(folder, epochs=6, lr=1e-3, seed=0, stem="patch"):
 
 # --- running the suite ------------------------------------------------------------------------------------------
 def knn20(ckpt, *flags):
-    out = subprocess.run([sys.executable, "eval_knn.py", ckpt, "--nb_knn", "20", "--num_workers", "0", *flags],
-                         capture_output=True, text=True)
+    cmd = [sys.executable, os.path.join(REPO, "eval_knn.py"), ckpt, "--nb_knn", "20", "--num_workers", "0", *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True)
     m = re.search(r"20-NN classifier result: Top1: ([\d.]+)", out.stdout)
     if not m:
         raise RuntimeError(f"eval_knn.py {ckpt} {' '.join(flags)} failed: {out.stderr.strip()[-300:]}")
@@ -458,7 +460,8 @@ def run_one(name, root, runs, train_args):
     if target is None:
         return None
     out_dir = os.path.join(runs, name)
-    cmd = [sys.executable, "train.py", "--preset", "cpu", "--data", target, "--output_dir", out_dir, *train_args]
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--preset", "cpu", "--data", target, "--output_dir", out_dir,
+           *train_args]
     print("$", " ".join(map(shlex.quote, cmd)), flush=True)
     t0 = time.time()
     code = subprocess.run(cmd).returncode
@@ -502,7 +505,7 @@ def main(argv=None):
     p.add_argument("--supervised_epochs", type=int, default=6, help="epochs of the supervised control")
     p.add_argument("--supervised_lr", type=float, default=1e-3, help="peak learning rate of the supervised control")
     p.add_argument("--supervised_stem", choices=["patch", "conv"], default="patch", help="the control's ViT stem: "
-                   "the preset's patchify convolution, or ConvStem (three 3x3 convolutions: docs/recipe.md)")
+                   "the preset's patchify convolution, or ConvStem (three 3x3 convolutions: lab/notes/recipe.md)")
     args = p.parse_args(argv)
     names = args.only or list(FOLDERS)
     if args.make_only:

@@ -18,6 +18,9 @@ COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 1
 PANELS = [("loss", "loss"), ("teacher_entropy", "teacher entropy / log K"), ("kl", "KL(P_t || P_s)"),
           ("knn_top1", "online 20-NN top-1 (%)")]
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
+
+
 
 def read_log(path, out_dim=None):
     """Epoch records of a log.txt; the entropy is divided by log K (K from the run's checkpoint args if given)."""

@@ -6,10 +6,12 @@ views of the CPU recipe (Sec. 3.1, multi-crop: 2 global + N local crops of each 
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 import augment
 import data as data_lib
 import train
