@@ -1,4 +1,4 @@
-"""Kind to bad input (issue 9): every script answers a mistake with one line on stderr and exit code 2."""
+"""Kind to bad input: every script answers a mistake with one line on stderr and exit code 2."""
 import os
 import subprocess
 import sys
