@@ -288,29 +288,36 @@ def train_one_step(student, teacher, dino_loss, optimizer, scaler, autocast, cro
     net = student.module if isinstance(student, DistributedDataParallel) else student
     device = next(teacher.parameters()).device
     # --- DINO step ---
+    # this iteration's learning rate and weight decay (Sec. 3.2: per-iteration cosine schedules)
     for i, pg in enumerate(optimizer.param_groups):
         pg["lr"] = float(lr)
         if i == 0:  # only the weight matrices are decayed
             pg["weight_decay"] = float(wd)
-    crops = [augment.normalize(c.to(device, non_blocking=True)) for c in crops]  # uint8 -> float
+    crops = [augment.normalize(c.to(device, non_blocking=True)) for c in crops]  # uint8 -> float, ImageNet mean/std
     with autocast:
-        teacher_output = teacher(crops[:2])  # (2·B, K): "only the global views are passed through the teacher"
-        student_output, student_features = student(crops, return_features=True)  # (ncrops·B, K): every view
-        loss = dino_loss(student_output, teacher_output, epoch)  # Eq. 3: H(P_t(x), P_s(x')) over pairs x ≠ x'
+        # Alg. 1: t1, t2 = gt(x1), gt(x2); "only the global views are passed through the teacher"
+        teacher_output = teacher(crops[:2])  # (2·B, K)
+        # s = gs(x) for every view, the 2 global and the N local ones
+        student_output, student_features = student(crops, return_features=True)  # (ncrops·B, K), (ncrops·B, D)
+        # Eq. 3: min Σ_{x ∈ {x1, x2}} Σ_{x' ≠ x} H(P_t(x), P_s(x')), with P_t centred and sharpened (loss.py)
+        loss = dino_loss(student_output, teacher_output, epoch)
         if args.koleo_weight:  # DINOv2: spread the [CLS] features of each global view over the batch
             globals_ = student_features[:teacher_output.shape[0]].chunk(2)  # 2 x (B, D)
             loss = loss + args.koleo_weight * sum(koleo_loss(f) for f in globals_)
+    # back-propagate into the student only: the teacher has no gradients ("stop-gradient", Fig. 2)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # gradients reach the student only ("stop-gradient" on the teacher)
-    if args.clip_grad:
+    scaler.scale(loss).backward()
+    if args.clip_grad:  # each parameter's gradient clipped to norm clip_grad (official semantics)
         scaler.unscale_(optimizer)
         clip_gradients(net, args.clip_grad)
     if epoch < args.freeze_last_layer:  # "freezing the last layer during the first epoch helps" (App.)
         for p in net.head.last_layer.parameters():
             p.grad = None
+    # AdamW step of the student (the scaler is a no-op unless --precision fp16)
     scaler.step(optimizer)
     scaler.update()
-    update_teacher(list(teacher.parameters()), list(net.parameters()), momentum)  # θt ← m θt + (1 − m) θs
+    # Alg. 1: gt.params = l * gt.params + (1 - l) * gs.params, the momentum teacher
+    update_teacher(list(teacher.parameters()), list(net.parameters()), momentum)
     # --- end of DINO step ---
     return loss.detach()
 
@@ -318,6 +325,7 @@ def train_one_step(student, teacher, dino_loss, optimizer, scaler, autocast, cro
 # ============ Alg. 1 with its data, networks and schedules ============
 def main(args):
     exercises.install(args.exercise, error=UserError)  # EXERCISES.md: the student's functions, if any
+    # one process (python) or one per GPU (torchrun): rank, number of processes, and the device of this one
     rank, world, device = distributed.init()
     precision = resolve_precision(args.precision, device)
     args.world_size = world
@@ -330,6 +338,7 @@ def main(args):
     knn_sets = eval_knn.monitor_datasets(args.data, args.global_size, 2500, 1000) if args.knn_every else None
 
     # ============ student and teacher: same architecture, same initial weights ============
+    # g = head ∘ backbone (Sec. 3.1): a ViT, then a 3-layer MLP, ℓ2 norm and a weight-normalised K-way layer
     torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts it)
     student = build_model(args, args.drop_path_rate).to(device)
     teacher = build_model(args, 0.0).to(device)  # no drop-path in the teacher
@@ -337,18 +346,23 @@ def main(args):
     teacher.requires_grad_(False)  # the teacher is never trained by gradients, only by the EMA of the student
     if args.use_bn_in_head and dist.is_initialized() and device.type == "cuda":  # BN over the global batch (official)
         student, teacher = map(nn.SyncBatchNorm.convert_sync_batchnorm, (student, teacher))
+    # under torchrun the student's gradients are averaged over the processes; the teacher needs no wrapper
     student_ddp = DistributedDataParallel(student) if dist.is_initialized() else student
     torch.manual_seed(args.seed + rank)  # from here: drop-path draws, different on every rank
+    # Eq. 3 with the centre c and the teacher temperature schedule (loss.py)
     dino_loss = DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs, center_momentum=args.center_momentum,
                          centering="none" if args.no_centering else args.centering,
                          sharpening=not args.no_sharpening).to(device)
+    # AdamW (Sec. 3.2); lr and weight decay are set every step from the schedules below
     optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, fused=device.type in ("cuda", "cpu"))
+    # one mixed-precision path: autocast (bf16 or fp16) on the forward, a GradScaler that only fp16 needs
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
                               enabled=precision in ("bf16", "fp16"))
 
     # ============ schedules: one value per iteration (Sec. 3.2 "Implementation details") ============
+    # lr: linear warm-up to lr·B/256, then cosine to min_lr; wd: cosine 0.04 → 0.4; teacher momentum: cosine m → 1
     lr_schedule = cosine_schedule(args.lr * args.batch_size * world / 256, args.min_lr, args.epochs, niter_per_ep,
                                   args.warmup_epochs)  # "linear scaling rule: lr = 0.0005 * batchsize/256"
     wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep)
@@ -357,6 +371,7 @@ def main(args):
         momentum_schedule[:] = 0.0
 
     # ============ the loop: one DINO step per batch, then the epoch's log and checkpoint ============
+    # re-running in the same --output_dir resumes from its checkpoint.pth, mid-epoch included
     parts = dict(student=student, teacher=teacher, optimizer=optimizer, scaler=scaler, dino_loss=dino_loss)
     it, history, resumed_sums = resume(ckpt_path, parts, args, niter_per_ep, rank)
     if it >= args.epochs * niter_per_ep:
@@ -373,7 +388,7 @@ def main(args):
         resumed_sums = None
         bar = tqdm(loader, total=niter_per_ep, initial=done, desc=f"epoch {epoch}", disable=rank != 0,
                    dynamic_ncols=True, leave=False)
-        for crops in bar:
+        for crops in bar:  # crops: [global1, global2, local1, ...], uint8 (B, 3, H, W) each
             loss = train_one_step(student_ddp, teacher, dino_loss, optimizer, scaler, autocast, crops, epoch,
                                   lr_schedule[it], wd_schedule[it], momentum_schedule[it], args)
             meter.add(loss, dino_loss.stats, it, crops[0].shape[0] * world)
@@ -382,11 +397,13 @@ def main(args):
                 meter.check_finite(niter_per_ep, ckpt_path)  # the one host sync, at intervals
                 if rank == 0:
                     bar.set_postfix(meter.postfix(loss, dino_loss.stats))
+            # Ctrl-C or SIGTERM (a cluster's time limit): save where we are and exit
             if stop_requested(stop, it, args.log_every, device):
                 meter.check_finite(niter_per_ep, ckpt_path)
                 state = training_state(parts, it, niter_per_ep, args, history, meter.sums)
                 save_and_exit(state, ckpt_path, epoch, stop, rank)
         bar.close()
+        # the epoch's log line: mean loss, teacher entropy and KL (Fig. 7), the schedules' values, speed
         meter.check_finite(niter_per_ep, ckpt_path)
         log = {"epoch": epoch, **meter.means(), "lr": float(lr_schedule[it - 1]), "wd": float(wd_schedule[it - 1]),
                "momentum": float(momentum_schedule[it - 1]), "teacher_temp": dino_loss.teacher_temp(epoch),
@@ -394,6 +411,7 @@ def main(args):
         if args.knn_every and (epoch + 1) % args.knn_every == 0:
             log["knn_top1"] = eval_knn.monitor_top1(teacher.backbone, *knn_sets, device=device)
         history.append(log)
+        # checkpoint first, then log.txt; a collapsed teacher stops the run with advice (--stop_on_collapse)
         save_epoch(training_state(parts, it, niter_per_ep, args, history, None), log, args, rank)
         stop_if_collapsed(log, args, rank)
         if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
