@@ -89,6 +89,18 @@ def test_collapse_verdict_uses_train_py_thresholds():
     assert train.collapse_kind(0.99 * log_k, 256) == "uniform" and train.collapse_kind(0.7 * log_k, 256) is None
 
 
+def test_a_folder_counts_only_when_the_labelled_control_learns_it_and_then_dino_must_gain_25_points(tmp_path):
+    row = {"name": "x", "untrained": 20.0, "learns": False}
+    assert recipes.verdict(row, None).startswith("no control")
+    assert recipes.verdict(row, 64.9) == "the backbone's limit"  # labels gain 44.9 < 45: not counted
+    assert recipes.verdict(row, 65.0) == "FAILS"  # counted, and DINO did not learn it
+    assert recipes.verdict({**row, "learns": True}, 65.0) == "learns"
+    (tmp_path / "supervised.jsonl").write_text('{"name": "x", "top1": 50.0, "stem": "patch"}\n'
+                                               '{"name": "x", "top1": 90.0, "stem": "conv"}\n'
+                                               '{"name": "x", "top1": 70.0}\n')
+    assert recipes.read_supervised(str(tmp_path)) == {"x": 70.0}  # the last patchify-stem run
+
+
 def test_the_supervised_control_reports_val_accuracy_per_epoch_at_the_lr_it_is_given(tmp_path, monkeypatch):
     import data
     import torch
