@@ -9,9 +9,14 @@ tests all run this one function). `main` builds the data, the two networks and t
 steps; the bookkeeping of a long run (resume, signals, non-finite losses, logs, checkpoints) is in small helpers
 below it. The same file runs under `python` and `torchrun` (distributed.py). Re-running the same command in the
 same --output_dir resumes; SIGINT/SIGTERM saves a checkpoint at the next step boundary.
-Outputs: OUT/checkpoint.pth (resumable; checkpoint.py), OUT/log.txt (one JSON line per epoch).
+Outputs: OUT/checkpoint.pth (resumable; checkpoint.py), OUT/log.txt (one JSON line per epoch: the history that
+checkpoint.pth holds, re-written whole after each save and on resume, so the two agree after any crash). Every file
+is written whole or not at all; one that cannot be written (full disk, no permission) stops the run with one line
+saying what is kept (exit code 2): training on with no way to save would only lose more work later.
 """
 import argparse
+import contextlib
+import errno
 import json
 import math
 import os
@@ -132,7 +137,8 @@ def get_args(argv=None):
     p.add_argument("--data", default=data.DEFAULT_DATA, help=f"'{data.DEFAULT_DATA}' (embedded, offline; also "
                    f"{others}) or an image folder of class sub-folders (labels are never used for training; "
                    "ROOT/train is used if present).")
-    p.add_argument("--output_dir", default="out", help="Checkpoints and log; re-running in it resumes.")
+    p.add_argument("--output_dir", default="out", help="Checkpoints and log; re-running in it resumes. A save that "
+                   "fails (full disk, no permission) stops the run and keeps the last checkpoint.")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 autocast where the device supports it, else fp32. fp16 (GradScaler) is CUDA only.")
     p.add_argument("--no_centering", action="store_true", help="Ablation (Fig. 7): no centring; collapses to one-hot.")
@@ -321,7 +327,6 @@ def main(args):
     rank, world, device = distributed.init()
     precision = resolve_precision(args.precision, device)
     args.world_size = world
-    os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
 
     # ============ data: 2 global + N local views per image (Sec. 3.1 "multi-crop") ============
@@ -382,7 +387,7 @@ def main(args):
                 meter.check_finite(niter_per_ep, ckpt_path)  # the one host sync, at intervals
                 if rank == 0:
                     bar.set_postfix(meter.postfix(loss, dino_loss.stats))
-            if stop_requested(stop, it, args.log_every, device):
+            if it % niter_per_ep and stop_requested(stop, it, args.log_every, device):  # at an epoch's end: below
                 meter.check_finite(niter_per_ep, ckpt_path)
                 state = training_state(parts, it, niter_per_ep, args, history, meter.sums)
                 save_and_exit(state, ckpt_path, epoch, stop, rank)
@@ -399,6 +404,8 @@ def main(args):
         if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
             print_once(rank, f"stopped after epoch {epoch} as asked; re-run without --stop_after_epoch to continue")
             break
+        if stop_requested(stop, it, 1, device):  # a signal in the epoch's last step: exit once it is logged and saved
+            save_and_exit(None, ckpt_path, epoch, stop, rank)
     return student, teacher, dino_loss
 
 
@@ -473,8 +480,10 @@ def training_state(parts, it, niter_per_ep, args, history, epoch_sums):
 
 
 def resume(ckpt_path, parts, args, niter_per_ep, rank):
-    """Load OUT/checkpoint.pth if there is one. Returns (iteration, history, running sums of a stopped epoch)."""
+    """Load OUT/checkpoint.pth if there is one, and make log.txt its history (a run killed between the two saves
+    left it one line short). Returns (iteration, history, running sums of a stopped epoch)."""
     if not os.path.isfile(ckpt_path):
+        write_log(args.output_dir, [], rank)  # also finds an output folder that cannot be written before training
         return 0, [], None
     ckpt = checkpoint.load(ckpt_path)
     changed = [f"--{k} was {ckpt['args'][k]}, now {vars(args)[k]}" for k in SCHEDULE_KEYS if k in ckpt["args"]
@@ -485,6 +494,7 @@ def resume(ckpt_path, parts, args, niter_per_ep, rank):
     for name, part in parts.items():
         part.load_state_dict(ckpt[name])
     torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+    write_log(args.output_dir, ckpt["history"], rank)
     print_once(rank, f"resumed from {ckpt_path} at epoch {ckpt['iteration'] // niter_per_ep}, "
                f"iteration {ckpt['iteration']}")
     return ckpt["iteration"], ckpt["history"], ckpt["epoch_sums"]
@@ -511,25 +521,65 @@ def stop_requested(stop, it, every, device):
 
 
 def save_and_exit(state, ckpt_path, epoch, stop, rank):
-    """Save where the run is, mid-epoch included, and exit 128 + the signal number (as a killed process would)."""
-    if rank == 0:
-        checkpoint.save(state, ckpt_path)
-    print_once(rank, f"interrupted: checkpoint saved at epoch {epoch}, iteration {state['iteration']}; "
-               "re-run the same command to resume", file=sys.stderr)
+    """Save where the run is, mid-epoch included (state None: at an epoch's end, saved already), and exit 128 + the
+    signal number (as a killed process would)."""
+    if rank == 0 and state is not None:
+        with stopping_on_write_errors(os.path.dirname(ckpt_path)):
+            checkpoint.save(state, ckpt_path)
+    where = f"epoch {epoch}, iteration {state['iteration']}" if state else f"the end of epoch {epoch}"
+    print_once(rank, f"interrupted: checkpoint saved at {where}; re-run the same command to resume", file=sys.stderr)
     sys.exit(128 + (stop["signal"] or 15))
 
 
 def save_epoch(state, log, args, rank):
-    """checkpoint.pth (and checkpointNNNN.pth every --saveckp_freq epochs), one JSON line of log.txt, one line out."""
+    """checkpoint.pth, then log.txt from the history it holds (and checkpointNNNN.pth every --saveckp_freq epochs),
+    one line out. log.txt is only ever the checkpoint's history: a crash between the two leaves it one line short,
+    and the resume re-writes it (resume), so no epoch is missing or doubled. A failed write stops the run."""
     if rank != 0:
         return
     epoch = log["epoch"]
-    checkpoint.save(state, os.path.join(args.output_dir, "checkpoint.pth"))
-    if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-        checkpoint.save(state, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
-    with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-        f.write(json.dumps(log) + "\n")
+    with stopping_on_write_errors(args.output_dir):
+        checkpoint.save(state, os.path.join(args.output_dir, "checkpoint.pth"))
+        write_log(args.output_dir, state["history"], rank)
+        if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+            checkpoint.save(state, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
     print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
+
+
+def write_log(output_dir, history, rank):
+    """OUT/log.txt: one JSON line per finished epoch, the whole file re-written at once (atomic)."""
+    if rank == 0:
+        with stopping_on_write_errors(output_dir):
+            checkpoint.write_text(os.path.join(output_dir, "log.txt"), "".join(json.dumps(h) + "\n" for h in history))
+
+
+@contextlib.contextmanager
+def stopping_on_write_errors(output_dir):
+    """A file of the run that cannot be written ends the run: one line naming the file, the cause and the checkpoint
+    kept (checkpoint.WriteError -> UserError, exit code 2). Training on without a way to save would lose the work."""
+    try:
+        yield
+    except checkpoint.WriteError as e:
+        advice = {errno.ENOSPC: "free space", errno.EDQUOT: "free space", errno.EACCES: f"make {output_dir} writable",
+                  errno.EPERM: f"make {output_dir} writable", errno.EROFS: f"make {output_dir} writable"}
+        ckpt_path = os.path.join(output_dir, "checkpoint.pth")
+        again = "resume" if os.path.isfile(ckpt_path) else "start"
+        raise UserError(f"{e}; {kept_checkpoint(ckpt_path)}; {advice.get(e.errno, 'fix that')} and re-run to "
+                        f"{again}") from None
+
+
+def kept_checkpoint(path):
+    """What a run stopped by a failed write can resume from, in words (read without loading the weights)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        done = [h["epoch"] for h in ckpt["history"]]
+        if ckpt["epoch_sums"] is None and done:
+            return f"the checkpoint of epoch {done[-1]} is kept"
+        return f"the checkpoint of epoch {ckpt['epoch']}, iteration {ckpt['iteration']} is kept"
+    except FileNotFoundError:
+        return "no checkpoint was saved yet"
+    except Exception:  # not ours, or unreadable: it is still untouched
+        return f"{path} is kept as it was"
 
 
 def collapse_kind(entropy, out_dim):
