@@ -371,6 +371,7 @@ def main(args):
     print_once(rank, f"{args.arch}/{args.patch_size} depth {args.depth}, K={args.out_dim}, {dino_loss.ncrops} crops, "
                f"{len(dataset)} images, {world} process(es) x {args.batch_size}, {precision} on {device}, "
                f"{args.epochs} epochs")
+    args.num_workers = loader_workers(args.num_workers, rank)
     for epoch in range(it // niter_per_ep, args.epochs):
         done = it - epoch * niter_per_ep  # iterations of this epoch already run (mid-epoch resume)
         loader = epoch_loader(dataset, sampler, epoch, done, args, device)
@@ -421,6 +422,17 @@ def print_once(rank, *message, **kw):
     """print on the first process only (the others run the same code silently)."""
     if rank == 0:
         print(*message, **kw)
+
+
+def loader_workers(asked, rank):
+    """--num_workers, at most the CPUs this process may use (more would only compete for them: torch warns that
+    the machine may freeze); says so in one line when it lowers it."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if asked <= cpus:
+        return asked
+    print_once(rank, f"--num_workers {asked} is more than the {cpus} CPUs this process may use: {cpus} loader "
+               "workers instead", file=sys.stderr)
+    return cpus
 
 
 def epoch_loader(dataset, sampler, epoch, done, args, device):
