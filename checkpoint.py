@@ -1,9 +1,9 @@
 """Checkpoint files: writing ours atomically, and reading ours, official training checkpoints and released weights.
 
 A training checkpoint of ours (train.py) holds `student`, `teacher`, `optimizer`, `scaler`, `dino_loss`, `epoch`,
-`iteration`, `args`, `rng`, `history`, `epoch_sums`. The official main_dino.py saves `student`, `teacher` (with
-`module.` prefixes), `optimizer`, `epoch`, `args` (an argparse.Namespace), `dino_loss`; a released backbone file
-(dino_deitsmall16_pretrain.pth, ...) is a bare state dict of the ViT. All three load here:
+`iteration`, `args`, `rng`, `cuda_rng`, `history`, `epoch_sums`. The official main_dino.py saves `student`,
+`teacher` (with `module.` prefixes), `optimizer`, `epoch`, `args` (an argparse.Namespace), `dino_loss`; a released
+backbone file (dino_deitsmall16_pretrain.pth, ...) is a bare state dict of the ViT. All three load here:
 
     save(state, "out/checkpoint.pth")                    # write a temporary file, then rename over the old one
     write_text("out/log.txt", text)                      # the same for any other file a run writes

@@ -482,13 +482,16 @@ class EpochMeter:
 
 
 def training_state(parts, it, niter_per_ep, args, history, epoch_sums):
-    """What checkpoint.pth holds: every state dict, where the run is, its args, RNG state, log so far."""
-    rng = [torch.get_rng_state()]
-    if dist.is_initialized():  # each rank has its own generator (drop-path); a collective: every rank calls this
+    """What checkpoint.pth holds: every state dict, where the run is, its args, RNG states, log so far."""
+    # drop-path draws from the generator of the device the student is on: the CPU's, or the GPU's on CUDA
+    mine = (torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None)
+    rng = [mine]
+    if dist.is_initialized():  # each rank has its own generators; a collective: every rank calls this
         rng = [None] * dist.get_world_size()
-        dist.all_gather_object(rng, torch.get_rng_state())
+        dist.all_gather_object(rng, mine)
     return {**{name: part.state_dict() for name, part in parts.items()}, "epoch": it // niter_per_ep,
-            "iteration": it, "args": vars(args), "rng": rng, "history": history, "epoch_sums": epoch_sums}
+            "iteration": it, "args": vars(args), "rng": [cpu for cpu, _ in rng], "cuda_rng": [gpu for _, gpu in rng],
+            "history": history, "epoch_sums": epoch_sums}
 
 
 def resume(ckpt_path, parts, args, niter_per_ep, rank):
@@ -506,6 +509,9 @@ def resume(ckpt_path, parts, args, niter_per_ep, rank):
     for name, part in parts.items():
         part.load_state_dict(ckpt[name])
     torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+    cuda_rng = ckpt.get("cuda_rng") or [None]  # absent from CPU runs' checkpoints (and from older ones)
+    if cuda_rng[rank % len(cuda_rng)] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(cuda_rng[rank % len(cuda_rng)])
     write_log(args.output_dir, ckpt["history"], rank)
     print_once(rank, f"resumed from {ckpt_path} at epoch {ckpt['iteration'] // niter_per_ep}, "
                f"iteration {ckpt['iteration']}")
