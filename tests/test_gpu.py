@@ -2,7 +2,8 @@
 
 The paper preset's step (ViT-S/16, 2x224 + 10x96, K 65,536) on random images, fp16 with GradScaler, bf16 autocast
 against fp32, a one-process nccl group through train.py (with SyncBatchNorm), SDPA's fused kernels against the math
-path, k-NN on CUDA against the CPU, and a resume on CUDA. `bash lab/gpu_check.sh` runs these and benchmark.py.
+path, k-NN on CUDA against the CPU, a resume on CUDA, and benchmark.py's CUDA path at a small size.
+`bash lab/gpu_check.sh` runs these, then benchmark.py at full size.
 """
 import json
 import os
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import augment
+import benchmark
 import data
 import eval_knn
 import train
@@ -219,3 +221,15 @@ def test_a_run_stopped_and_resumed_on_cuda_reaches_the_teacher_of_a_straight_run
     assert resumed["history"][0]["epoch"] == 0 and len(resumed["history"]) == 2
     for k, v in straight["teacher"].items():  # the same kernels in the same order; atomics may reorder sums
         torch.testing.assert_close(resumed["teacher"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_benchmark_on_cuda_times_both_steps_with_their_precision_peak_and_memory(capsys):
+    res = benchmark.main(benchmark.get_args(["--arch", "vit_tiny", "--depth", "2", "--out_dim", "4096",
+                                             "--batch_size", "8", "--steps", "3", "--warmup", "1",
+                                             "--baseline_steps", "2", "--no_aug", "--no_cpu_preset"]))
+    assert res["device"].startswith("cuda") and res["baseline_precision"] == "fp16"  # main_dino.py on GPUs
+    assert res["precision"] == train.resolve_precision("auto", CUDA)
+    for k in ("mfu", "baseline_mfu"):
+        assert 0 < res[k] < 1, (k, res[k])
+    assert res["peak_mem_mb"] > 0 and res["baseline_peak_mem_mb"] > 0 and res["img_per_s"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["device_name"] == torch.cuda.get_device_name()
