@@ -200,12 +200,12 @@ def test_the_evaluation_scripts_answer_a_full_disk_in_one_line(folder, tmp_path,
 
 # ============ log.txt and checkpoint.pth agree ============
 def test_resuming_rewrites_a_damaged_log_from_the_checkpoint_history(folder, tmp_path):
-    train.main(train.get_args(tiny_args(folder, tmp_path, "--stop_after_epoch", "0")))
+    train.main(train.get_args(tiny_args(folder, tmp_path, "--epochs", "2", "--stop_after_epoch", "0")))
     line = (tmp_path / "log.txt").read_text()
     (tmp_path / "log.txt").write_text(line + line + line[:20])  # epoch 0 twice, then half a line
-    train.main(train.get_args(tiny_args(folder, tmp_path)))
+    train.main(train.get_args(tiny_args(folder, tmp_path, "--epochs", "2")))
     ckpt, logged = saved(tmp_path)
-    assert logged == [0, 1, 2] and [json.loads(s) for s in open(tmp_path / "log.txt")] == ckpt["history"]
+    assert logged == [0, 1] and [json.loads(s) for s in open(tmp_path / "log.txt")] == ckpt["history"]
 
 
 def test_a_signal_in_the_last_step_of_an_epoch_saves_that_epoch_and_its_log_line(folder, tmp_path, monkeypatch):
@@ -220,13 +220,13 @@ def test_a_signal_in_the_last_step_of_an_epoch_saves_that_epoch_and_its_log_line
     monkeypatch.setattr(train, "catch_stop_signals", lambda: stop)
     monkeypatch.setattr(train, "train_one_step", step_then_signal)
     with pytest.raises(SystemExit) as e:
-        train.main(train.get_args(tiny_args(folder, tmp_path)))
+        train.main(train.get_args(tiny_args(folder, tmp_path, "--epochs", "2")))
     assert e.value.code == 128 + signal.SIGTERM
     ckpt, logged = saved(tmp_path)
     assert ckpt["iteration"] == 2 and ckpt["epoch_sums"] is None and logged == [0]
     monkeypatch.undo()
-    train.main(train.get_args(tiny_args(folder, tmp_path)))
-    assert saved(tmp_path)[1] == [0, 1, 2]
+    train.main(train.get_args(tiny_args(folder, tmp_path, "--epochs", "2")))
+    assert saved(tmp_path)[1] == [0, 1]
 
 
 # ============ kill -9 ============
