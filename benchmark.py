@@ -1,6 +1,6 @@
 """Throughput, FLOPs and MFU of one DINO training step, and the cost of the multi-crop augmentation (Table 8 style).
 
-    python benchmark.py                      # ViT-S/16, 8 images x (2x224 + 6x96 crops), K 65536: ours vs official
+    python benchmark.py      # ViT-S/16, 8 images (64 on CUDA) x (2x224 + 6x96 crops), K 65536: ours vs official
     python benchmark.py --compile            # our step with torch.compile'd backbones
     python benchmark.py --arch vit_tiny --depth 2 --out_dim 4096 --no_baseline --no_aug --no_cpu_preset  # quick
     python benchmark.py --profile 2          # where the time of our step goes (torch.profiler, top ops)
@@ -12,13 +12,16 @@ matmuls whatever kernel runs it); MFU = achieved FLOP/s over the best FLOP/s of 
 used, measured here; then every matmul of one step re-run alone (same shapes), summed: the step's time if all
 else were free. Then the same for the step of train.py's cpu preset (vit_tiny/8, 64 images, 2x64 + 4x32,
 K 256, KoLeo: what `python train.py` runs; --no_cpu_preset skips it). (2) The official step as shipped
-(main_dino.py, re-written here), at both configurations: fp32 on CPU (its autocast is CUDA's fp16), attention matrix
-materialised, the loss as a double loop over crop pairs, two host syncs per parameter in clipping, the default
-AdamW (a for-loop on CPU), EMA as a loop, loss.item().
+(main_dino.py, re-written here), at both configurations: fp32 on CPU (its autocast is CUDA's), fp16 autocast with
+GradScaler on CUDA (as it runs on GPUs, against the fp16 matmul peak), attention matrix materialised, the loss as a
+double loop over crop pairs, two host syncs per parameter in clipping, the default AdamW (a for-loop on CPU), EMA as
+a loop, loss.item().
 (3) The multi-crop augmentation per image per loader worker (2x224 + 8x96 of a 500x375 image, 1 process, 1 thread):
 augment.MultiCropAugmentation, a batch of --aug_images images at once as train.py's collate makes them, against the
 official torchvision/PIL pipeline ending in ToTensor + Normalize, image by image; then the same at the cpu preset's
 sizes (2x64 + 4x32 of a 64 px image of the embedded data).
+On CUDA the device is synchronised around every timed call, both steps' crops are pinned (as both loaders pin
+them), and memory is the peak that torch.cuda.max_memory_allocated reports while the step runs.
 The last line is one JSON object. Timings on a busy machine are not final: the load average is printed.
 """
 import argparse
@@ -169,7 +172,10 @@ SDPA_FLOPS = {aten._scaled_dot_product_flash_attention_for_cpu: _fwd,
 
 # ============ the step's matmuls alone: where the rest of the time goes ============
 MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.convolution.default,
-           aten.convolution_backward.default, aten._scaled_dot_product_flash_attention_for_cpu.default,
+           aten.convolution_backward.default,
+           *(getattr(aten, f"_scaled_dot_product_{kernel}_attention{part}").default  # CUDA's attention kernels
+             for kernel in ("flash", "efficient", "cudnn") for part in ("", "_backward")),
+           aten._scaled_dot_product_flash_attention_for_cpu.default,
            aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
 
 
@@ -183,8 +189,8 @@ class RecordMatmuls(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in MATMULS:
-            spec = lambda a: (("T", tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else
-                              tuple(a) if isinstance(a, list) else a)  # lists (conv strides...) as tuples
+            spec = lambda a: (("T", tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor)
+                              else tuple(a) if isinstance(a, list) else a)  # lists (conv strides...) as tuples
             self.calls.append((func, tuple(spec(a) for a in args), tuple(sorted((kwargs or {}).items()))))
         return func(*args, **(kwargs or {}))
 
@@ -192,19 +198,26 @@ class RecordMatmuls(TorchDispatchMode):
 def matmul_only_seconds(run, device, reps=5):
     """Seconds that the matmuls of one call of `run` take when each runs alone here (same shapes, strides and
     dtypes, random inputs; the best of `reps` per distinct call, times how often the step makes it), summed: the
-    step's time if everything but its matmuls were free."""
+    step's time if everything but its matmuls were free. A call that cannot be re-run alone (a kernel's private
+    inputs, e.g. an attention backward's random-number state) is left out, and said so."""
     with RecordMatmuls() as rec:
         run()
     counts = {}
     for call in rec.calls:
         counts[call] = counts.get(call, 0) + 1
-    def tensor(shape, stride, dtype):
+    def tensor(shape, stride, dtype, on):
         size = 1 + sum((d - 1) * st for d, st in zip(shape, stride))  # the storage the strides reach
-        return torch.randn(size, device=device).to(dtype).as_strided(shape, stride)
-    total = 0.0
+        values = torch.randn(size, device=on) if dtype.is_floating_point else torch.zeros(size, device=on)
+        return values.to(dtype).as_strided(shape, stride)
+    total, left_out = 0.0, []
     for (func, spec, kw), n in counts.items():
-        args = [tensor(*a[1:]) if isinstance(a, tuple) and a and a[0] == "T" else a for a in spec]
-        total += n * min(time_calls(lambda: func(*args, **dict(kw)), device, reps, warmup=1))
+        try:
+            args = [tensor(*a[1:]) if isinstance(a, tuple) and a and a[0] == "T" else a for a in spec]
+            total += n * min(time_calls(lambda: func(*args, **dict(kw)), device, reps, warmup=1))
+        except (RuntimeError, TypeError, ValueError) as e:
+            left_out.append(f"{func} ({str(e).splitlines()[0][:80]})")
+    if left_out:
+        print(f"matmuls alone: {len(left_out)} kind(s) of call left out: {'; '.join(left_out)}")
     return total
 
 
@@ -235,6 +248,8 @@ def make_step(targs, device, precision, official=False):
     sizes = [targs.global_size] * 2 + [targs.local_size] * targs.local_crops_number
     crops_u8 = [torch.randint(0, 256, (B, 3, s, s), dtype=torch.uint8) for s in sizes]  # what our loader yields
     crops_f32 = [augment.normalize(c) for c in crops_u8]  # what the official loader yields (normalised in workers)
+    if device.type == "cuda":  # both loaders pin their batches on CUDA (pin_memory=True)
+        crops_u8, crops_f32 = [c.pin_memory() for c in crops_u8], [c.pin_memory() for c in crops_f32]
     lr, wd, m = targs.lr * B / 256, targs.weight_decay, targs.momentum_teacher
 
     def step():  # train.py's step itself: what its loop runs, whatever changes in it later
@@ -353,14 +368,18 @@ def get_args(argv=None):
     p.add_argument("--arch", default="vit_small", help=f"one of {', '.join(vit.ARCHS)} (checked by train.py)")
     p.add_argument("--patch", "--patch_size", dest="patch_size", default=16, type=int)
     p.add_argument("--depth", default=12, type=int, help="Transformer blocks (fewer for a quick look).")
-    p.add_argument("--batch_size", default=8, type=int, help="Images per step (each gives all its crops).")
+    p.add_argument("--batch_size", default=None, type=int, help="Images per step (each gives all its crops); "
+                   "default: 8 on CPU, 64 on CUDA (the paper's per GPU).")
     p.add_argument("--global_size", default=224, type=int)
     p.add_argument("--local_size", default=96, type=int)
     p.add_argument("--local_crops_number", default=6, type=int)
     p.add_argument("--out_dim", default=65536, type=int, help="K, the DINO head's output dimension.")
-    p.add_argument("--steps", default=5, type=int, help="Timed steps of ours (the median is reported).")
-    p.add_argument("--warmup", default=2, type=int, help="Untimed steps first (allocator, kernels, compilation).")
-    p.add_argument("--baseline_steps", default=3, type=int, help="Timed steps of the official one.")
+    p.add_argument("--steps", default=None, type=int, help="Timed steps of ours (the median is reported); "
+                   "default: 5 on CPU, 20 on CUDA.")
+    p.add_argument("--warmup", default=None, type=int, help="Untimed steps first (allocator, kernels, compilation); "
+                   "default: 2 on CPU, 5 on CUDA.")
+    p.add_argument("--baseline_steps", default=None, type=int, help="Timed steps of the official one; default: 3 "
+                   "on CPU, 10 on CUDA.")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="Of our step; auto: bf16 where supported, as train.py.")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbones in our step.")
@@ -375,7 +394,12 @@ def get_args(argv=None):
     p.add_argument("--profile", default=0, type=int, help="Profile N steps of ours and print the top ops.")
     p.add_argument("--attention", action="store_true", help="Also time attention alone, written out vs SDPA, at "
                    "the sequence lengths of both configurations (what vit.Attention chooses between).")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    cuda = a.device.startswith("cuda")
+    for k, on_cpu, on_cuda in (("batch_size", 8, 64), ("steps", 5, 20), ("warmup", 2, 5), ("baseline_steps", 3, 10)):
+        if getattr(a, k) is None:
+            setattr(a, k, on_cuda if cuda else on_cpu)
+    return a
 
 
 def time_steps(targs, a, device, precision, peaks, peak, profile=True):
@@ -399,8 +423,11 @@ def time_steps(targs, a, device, precision, peaks, peak, profile=True):
     if a.profile and profile:
         with torch.profiler.profile() as prof:
             time_calls(step, device, a.profile, 0)
-        print(prof.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=25))
-    del step
+        print(prof.key_averages().table(sort_by=f"self_{'device' if device.type == 'cuda' else 'cpu'}_time_total",
+                                        row_limit=25))
+    del step, count_flops, compile_backbones  # ours is freed before the official step's memory is measured
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     if not a.no_baseline:
         bprec = "fp16" if device.type == "cuda" else "fp32"  # main_dino.py: torch.cuda.amp.autocast(use_fp16)
         official = make_step(targs, device, bprec, official=True)[0]
@@ -408,7 +435,8 @@ def time_steps(targs, a, device, precision, peaks, peak, profile=True):
         del official
         peaks[bprec] = max(peaks.get(bprec, 0), peak(bprec))
         b = statistics.median(btimes)
-        res.update(baseline_step_s=b, speedup=b / s, baseline_mfu=gflop / b / peaks[bprec], baseline_peak_mem_mb=bmem)
+        res.update(baseline_step_s=b, baseline_img_per_s=targs.batch_size / b, speedup=b / s,
+                   baseline_mfu=gflop / b / peaks[bprec], baseline_peak_mem_mb=bmem, baseline_precision=bprec)
         rows.append(("official", bprec, b, bmem))
     return res, rows, gflop
 
@@ -439,9 +467,10 @@ def main(a):
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     peak = lambda prec: matmul_peak_gflops(dtypes[prec], device, n)
     load = lambda: " ".join(f"{x:.2f}" for x in os.getloadavg())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{a.arch}/{a.patch_size} depth {a.depth}, {a.batch_size} images x (2x{a.global_size} + "
-          f"{a.local_crops_number}x{a.local_size}), K {a.out_dim}, {device}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, load average {load()}")
+          f"{a.local_crops_number}x{a.local_size}), K {a.out_dim}, {device} ({name}), {torch.get_num_threads()} "
+          f"threads, torch {torch.__version__}, load average {load()}")
     peaks = {precision: peak(precision)}
 
     res, rows, gflop = time_steps(targs, a, device, precision, peaks, peak)
@@ -478,6 +507,7 @@ def main(a):
 
     print(f"load average at the end: {load()}")
     res.update(flags, ncrops=2 + a.local_crops_number, precision=precision, compile=a.compile, device=str(device),
+               device_name=name,
                threads=torch.get_num_threads(), loadavg=round(os.getloadavg()[0], 2))
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
     return res

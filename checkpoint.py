@@ -1,17 +1,22 @@
 """Checkpoint files: writing ours atomically, and reading ours, official training checkpoints and released weights.
 
 A training checkpoint of ours (train.py) holds `student`, `teacher`, `optimizer`, `scaler`, `dino_loss`, `epoch`,
-`iteration`, `args`, `rng`, `history`, `epoch_sums`. The official main_dino.py saves `student`, `teacher` (with
-`module.` prefixes), `optimizer`, `epoch`, `args` (an argparse.Namespace), `dino_loss`; a released backbone file
-(dino_deitsmall16_pretrain.pth, ...) is a bare state dict of the ViT. All three load here:
+`iteration`, `args`, `rng`, `cuda_rng`, `history`, `epoch_sums`. The official main_dino.py saves `student`,
+`teacher` (with `module.` prefixes), `optimizer`, `epoch`, `args` (an argparse.Namespace), `dino_loss`; a released
+backbone file (dino_deitsmall16_pretrain.pth, ...) is a bare state dict of the ViT. All three load here:
 
     save(state, "out/checkpoint.pth")                    # write a temporary file, then rename over the old one
+    write_text("out/log.txt", text)                      # the same for any other file a run writes
     load_pretrained_weights(model, path, "teacher")      # strict: a file that does not fit says why, in one line
     saved = training_args(path)                          # {"arch": ..., "patch_size": ..., "depth": ..., ...}
 
+Every file a run writes goes through `write_atomic`: it is written whole or not at all, and a write that fails (full
+disk, no permission, read-only file system) removes its temporary file, leaves the old file as it was and raises
+WriteError, an OSError whose message names the file and the cause in one line.
 The model side (building the ViT that a file was trained with) is vit.from_checkpoint.
 """
 import argparse
+import contextlib
 import os
 
 import torch
@@ -22,11 +27,66 @@ class CheckpointError(ValueError):
     """A file that is not a checkpoint, or one that does not fit the model (one-line message)."""
 
 
+class WriteError(OSError):
+    """A file could not be written: "could not write PATH: CAUSE" (errno is the cause's, e.g. ENOSPC, EACCES)."""
+
+    def __init__(self, path, cause):
+        super().__init__(f"could not write {path}: {cause.strerror or cause}")
+        self.errno, self.path = cause.errno, path
+
+
+class _Recording:
+    """A binary file that remembers the OSError its write raised: torch.save swallows it and raises a RuntimeError
+    ("unexpected pos ...") instead, which says nothing of a full disk."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+    def tell(self):
+        return self.f.tell()
+
+
+def write_atomic(path, write):
+    """Write `path` whole or not at all: write(f) fills `{path}.tmp` (a binary file), which is flushed to disk and
+    renamed over `path`; the folder is made if missing. On any failure the temporary file is removed and `path` is
+    untouched; an OSError (full disk, no permission) is raised as WriteError, other errors as they are."""
+    tmp, f = f"{path}.tmp", None
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "wb") as raw:
+            f = _Recording(raw)
+            write(f)
+            raw.flush()
+            os.fsync(raw.fileno())  # a full disk may only say so here (NFS, quotas), and a crash keeps whole files
+        os.replace(tmp, path)
+    except BaseException as e:
+        if f is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        cause = e if isinstance(e, OSError) else f.error if f is not None else None
+        if cause is None:
+            raise
+        raise WriteError(path, cause) from None
+
+
 def save(state, path):
-    """Atomic: write a temporary file, then rename over the old one (a crash mid-save keeps the previous)."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save, atomic: a crash or a full disk mid-save keeps the previous file (write_atomic)."""
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
+def write_text(path, text):
+    """A text file (UTF-8), atomic (write_atomic)."""
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def load(path):

@@ -216,7 +216,7 @@ def run(args):
         if args.dump_features:
             os.makedirs(args.dump_features, exist_ok=True)
             for f, t in zip(FEATURE_FILES, (train_features, test_features, train_labels, test_labels)):
-                torch.save(t.cpu(), os.path.join(args.dump_features, f))
+                checkpoint.save(t.cpu(), os.path.join(args.dump_features, f))
         for k in args.nb_knn:
             top1, top5 = knn_classifier(train_features, train_labels, test_features, test_labels, k,
                                         args.temperature, num_classes)

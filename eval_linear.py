@@ -118,7 +118,7 @@ def train_linear(linear, train_loader, val_loader, epochs, lr, device, embed=Non
     embed = embed or (lambda x: x)
     optimizer = torch.optim.SGD(linear.parameters(), lr, momentum=0.9, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
-    best_acc, stats = 0.0, {}
+    best_acc, stats, lines = 0.0, {}, []
     for epoch in range(epochs):
         sampler = getattr(train_loader, "sampler", train_loader)
         if hasattr(sampler, "set_epoch"):
@@ -145,10 +145,10 @@ def train_linear(linear, train_loader, val_loader, epochs, lr, device, embed=Non
         top5 = f"  Top5 {stats['acc5']:.2f}" if stats["acc5"] is not None else ""
         log(f"epoch {epoch:3d}  lr {lr_used:.2e}  train loss {loss_sum.item() / max(steps, 1):.4f}  "
             f"val loss {stats['loss']:.4f}  Top1 {stats['acc1']:.2f}{top5}  (best Top1 {best_acc:.2f})")
-        if log_file:
-            with open(log_file, "a") as f:
-                f.write(json.dumps({"epoch": epoch, "lr": lr_used, "train_loss": loss_sum.item() / max(steps, 1),
-                                    **{f"test_{k}": v for k, v in stats.items()}}) + "\n")
+        if log_file:  # the log so far, re-written whole (atomic): a full disk leaves the previous one
+            lines.append(json.dumps({"epoch": epoch, "lr": lr_used, "train_loss": loss_sum.item() / max(steps, 1),
+                                     **{f"test_{k}": v for k, v in stats.items()}}) + "\n")
+            checkpoint.write_text(log_file, "".join(lines))
     return best_acc, stats
 
 
@@ -237,10 +237,10 @@ def run(args):
     os.makedirs(output_dir, exist_ok=True)
     log_file = os.path.join(output_dir, "linear_log.txt") if rank == 0 else None
     if log_file:
-        open(log_file, "w").close()  # one run per log
+        checkpoint.write_text(log_file, "")  # one run per log
     best, last = train_linear(linear, train_loader, val_loader, args.epochs, lr, device, embed, log, log_file)
     if rank == 0:
-        torch.save(getattr(linear, "module", linear).state_dict(), os.path.join(output_dir, "linear.pth"))
+        checkpoint.save(getattr(linear, "module", linear).state_dict(), os.path.join(output_dir, "linear.pth"))
         top5 = f", Top5: {last['acc5']:.2f}" if last.get("acc5") is not None else ""
         print(f"Linear probe result: Top1: {last.get('acc1', 0.0):.2f}{top5} (best Top1: {best:.2f}); "
               f"saved {os.path.join(output_dir, 'linear.pth')}")

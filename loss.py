@@ -90,8 +90,10 @@ class DINOLoss(nn.Module):
             center = self.center if self.centering == "ema" else torch.zeros_like(self.center)
             pt = F.softmax((teacher_output - center) / self.teacher_temp(epoch), dim=-1).detach()
         pt = pt.view(2, B, -1)  # (2, B, K)
-        # H(P_t(x_i), P_s(x_v)) averaged over the batch, for every teacher view i and student view v
-        ce = -torch.einsum("ibk,vbk->iv", pt, log_ps) / B  # (2, V)
+        # H(P_t(x_i), P_s(x_v)) averaged over the batch, for every teacher view i and student view v; autocast would
+        # run this product in bf16/fp16 (einsum is a matmul) and round the loss to 3 digits: it stays in fp32
+        with torch.autocast(log_ps.device.type, enabled=False):
+            ce = -torch.einsum("ibk,vbk->iv", pt, log_ps) / B  # (2, V)
         # Eq. 3: sum over pairs with x_v ≠ x_i (a view is never its own target), divided by the number of pairs
         # (the pairs x_v = x_i are the diagonal ce[0, 0], ce[1, 1]; no boolean mask, which would sync with the GPU)
         loss = (ce.sum() - ce.diagonal().sum()) / (2 * (self.ncrops - 1))

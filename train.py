@@ -9,9 +9,14 @@ tests all run this one function). `main` builds the data, the two networks and t
 steps; the bookkeeping of a long run (resume, signals, non-finite losses, logs, checkpoints) is in small helpers
 below it. The same file runs under `python` and `torchrun` (distributed.py). Re-running the same command in the
 same --output_dir resumes; SIGINT/SIGTERM saves a checkpoint at the next step boundary.
-Outputs: OUT/checkpoint.pth (resumable; checkpoint.py), OUT/log.txt (one JSON line per epoch).
+Outputs: OUT/checkpoint.pth (resumable; checkpoint.py), OUT/log.txt (one JSON line per epoch: the history that
+checkpoint.pth holds, re-written whole after each save and on resume, so the two agree after any crash). Every file
+is written whole or not at all; one that cannot be written (full disk, no permission) stops the run with one line
+saying what is kept (exit code 2): training on with no way to save would only lose more work later.
 """
 import argparse
+import contextlib
+import errno
 import json
 import math
 import os
@@ -132,7 +137,8 @@ def get_args(argv=None):
     p.add_argument("--data", default=data.DEFAULT_DATA, help=f"'{data.DEFAULT_DATA}' (embedded, offline; also "
                    f"{others}) or an image folder of class sub-folders (labels are never used for training; "
                    "ROOT/train is used if present).")
-    p.add_argument("--output_dir", default="out", help="Checkpoints and log; re-running in it resumes.")
+    p.add_argument("--output_dir", default="out", help="Checkpoints and log; re-running in it resumes. A save that "
+                   "fails (full disk, no permission) stops the run and keeps the last checkpoint.")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 autocast where the device supports it, else fp32. fp16 (GradScaler) is CUDA only.")
     p.add_argument("--no_centering", action="store_true", help="Ablation (Fig. 7): no centring; collapses to one-hot.")
@@ -329,7 +335,6 @@ def main(args):
     rank, world, device = distributed.init()
     precision = resolve_precision(args.precision, device)
     args.world_size = world
-    os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
 
     # ============ data: 2 global + N local views per image (Sec. 3.1 "multi-crop") ============
@@ -381,6 +386,7 @@ def main(args):
     print_once(rank, f"{args.arch}/{args.patch_size} depth {args.depth}, K={args.out_dim}, {dino_loss.ncrops} crops, "
                f"{len(dataset)} images, {world} process(es) x {args.batch_size}, {precision} on {device}, "
                f"{args.epochs} epochs")
+    args.num_workers = loader_workers(args.num_workers, rank)
     for epoch in range(it // niter_per_ep, args.epochs):
         done = it - epoch * niter_per_ep  # iterations of this epoch already run (mid-epoch resume)
         loader = epoch_loader(dataset, sampler, epoch, done, args, device)
@@ -397,8 +403,8 @@ def main(args):
                 meter.check_finite(niter_per_ep, ckpt_path)  # the one host sync, at intervals
                 if rank == 0:
                     bar.set_postfix(meter.postfix(loss, dino_loss.stats))
-            # Ctrl-C or SIGTERM (a cluster's time limit): save where we are and exit
-            if stop_requested(stop, it, args.log_every, device):
+            # Ctrl-C or SIGTERM (a cluster's time limit): save where we are and exit (at an epoch's end: below)
+            if it % niter_per_ep and stop_requested(stop, it, args.log_every, device):
                 meter.check_finite(niter_per_ep, ckpt_path)
                 state = training_state(parts, it, niter_per_ep, args, history, meter.sums)
                 save_and_exit(state, ckpt_path, epoch, stop, rank)
@@ -411,12 +417,14 @@ def main(args):
         if args.knn_every and (epoch + 1) % args.knn_every == 0:
             log["knn_top1"] = eval_knn.monitor_top1(teacher.backbone, *knn_sets, device=device)
         history.append(log)
-        # checkpoint first, then log.txt; a collapsed teacher stops the run with advice (--stop_on_collapse)
+        # checkpoint.pth, then log.txt rewritten from its history; a collapsed teacher stops the run with advice
         save_epoch(training_state(parts, it, niter_per_ep, args, history, None), log, args, rank)
         stop_if_collapsed(log, args, rank)
         if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
             print_once(rank, f"stopped after epoch {epoch} as asked; re-run without --stop_after_epoch to continue")
             break
+        if stop_requested(stop, it, 1, device):  # a signal in the epoch's last step: exit once it is logged and saved
+            save_and_exit(None, ckpt_path, epoch, stop, rank)
     return student, teacher, dino_loss
 
 
@@ -432,6 +440,17 @@ def print_once(rank, *message, **kw):
     """print on the first process only (the others run the same code silently)."""
     if rank == 0:
         print(*message, **kw)
+
+
+def loader_workers(asked, rank):
+    """--num_workers, at most the CPUs this process may use (more would only compete for them: torch warns that
+    the machine may freeze); says so in one line when it lowers it."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if asked <= cpus:
+        return asked
+    print_once(rank, f"--num_workers {asked} is more than the {cpus} CPUs this process may use: {cpus} loader "
+               "workers instead", file=sys.stderr)
+    return cpus
 
 
 def epoch_loader(dataset, sampler, epoch, done, args, device):
@@ -481,18 +500,23 @@ class EpochMeter:
 
 
 def training_state(parts, it, niter_per_ep, args, history, epoch_sums):
-    """What checkpoint.pth holds: every state dict, where the run is, its args, RNG state, log so far."""
-    rng = [torch.get_rng_state()]
-    if dist.is_initialized():  # each rank has its own generator (drop-path); a collective: every rank calls this
+    """What checkpoint.pth holds: every state dict, where the run is, its args, RNG states, log so far."""
+    # drop-path draws from the generator of the device the student is on: the CPU's, or the GPU's on CUDA
+    mine = (torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None)
+    rng = [mine]
+    if dist.is_initialized():  # each rank has its own generators; a collective: every rank calls this
         rng = [None] * dist.get_world_size()
-        dist.all_gather_object(rng, torch.get_rng_state())
+        dist.all_gather_object(rng, mine)
     return {**{name: part.state_dict() for name, part in parts.items()}, "epoch": it // niter_per_ep,
-            "iteration": it, "args": vars(args), "rng": rng, "history": history, "epoch_sums": epoch_sums}
+            "iteration": it, "args": vars(args), "rng": [cpu for cpu, _ in rng], "cuda_rng": [gpu for _, gpu in rng],
+            "history": history, "epoch_sums": epoch_sums}
 
 
 def resume(ckpt_path, parts, args, niter_per_ep, rank):
-    """Load OUT/checkpoint.pth if there is one. Returns (iteration, history, running sums of a stopped epoch)."""
+    """Load OUT/checkpoint.pth if there is one, and make log.txt its history (a run killed between the two saves
+    left it one line short). Returns (iteration, history, running sums of a stopped epoch)."""
     if not os.path.isfile(ckpt_path):
+        write_log(args.output_dir, [], rank)  # also finds an output folder that cannot be written before training
         return 0, [], None
     ckpt = checkpoint.load(ckpt_path)
     changed = [f"--{k} was {ckpt['args'][k]}, now {vars(args)[k]}" for k in SCHEDULE_KEYS if k in ckpt["args"]
@@ -503,6 +527,10 @@ def resume(ckpt_path, parts, args, niter_per_ep, rank):
     for name, part in parts.items():
         part.load_state_dict(ckpt[name])
     torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+    cuda_rng = ckpt.get("cuda_rng") or [None]  # absent from CPU runs' checkpoints (and from older ones)
+    if cuda_rng[rank % len(cuda_rng)] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(cuda_rng[rank % len(cuda_rng)])
+    write_log(args.output_dir, ckpt["history"], rank)
     print_once(rank, f"resumed from {ckpt_path} at epoch {ckpt['iteration'] // niter_per_ep}, "
                f"iteration {ckpt['iteration']}")
     return ckpt["iteration"], ckpt["history"], ckpt["epoch_sums"]
@@ -529,25 +557,65 @@ def stop_requested(stop, it, every, device):
 
 
 def save_and_exit(state, ckpt_path, epoch, stop, rank):
-    """Save where the run is, mid-epoch included, and exit 128 + the signal number (as a killed process would)."""
-    if rank == 0:
-        checkpoint.save(state, ckpt_path)
-    print_once(rank, f"interrupted: checkpoint saved at epoch {epoch}, iteration {state['iteration']}; "
-               "re-run the same command to resume", file=sys.stderr)
+    """Save where the run is, mid-epoch included (state None: at an epoch's end, saved already), and exit 128 + the
+    signal number (as a killed process would)."""
+    if rank == 0 and state is not None:
+        with stopping_on_write_errors(os.path.dirname(ckpt_path)):
+            checkpoint.save(state, ckpt_path)
+    where = f"epoch {epoch}, iteration {state['iteration']}" if state else f"the end of epoch {epoch}"
+    print_once(rank, f"interrupted: checkpoint saved at {where}; re-run the same command to resume", file=sys.stderr)
     sys.exit(128 + (stop["signal"] or 15))
 
 
 def save_epoch(state, log, args, rank):
-    """checkpoint.pth (and checkpointNNNN.pth every --saveckp_freq epochs), one JSON line of log.txt, one line out."""
+    """checkpoint.pth, then log.txt from the history it holds (and checkpointNNNN.pth every --saveckp_freq epochs),
+    one line out. log.txt is only ever the checkpoint's history: a crash between the two leaves it one line short,
+    and the resume re-writes it (resume), so no epoch is missing or doubled. A failed write stops the run."""
     if rank != 0:
         return
     epoch = log["epoch"]
-    checkpoint.save(state, os.path.join(args.output_dir, "checkpoint.pth"))
-    if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-        checkpoint.save(state, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
-    with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-        f.write(json.dumps(log) + "\n")
+    with stopping_on_write_errors(args.output_dir):
+        checkpoint.save(state, os.path.join(args.output_dir, "checkpoint.pth"))
+        write_log(args.output_dir, state["history"], rank)
+        if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+            checkpoint.save(state, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
     print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
+
+
+def write_log(output_dir, history, rank):
+    """OUT/log.txt: one JSON line per finished epoch, the whole file re-written at once (atomic)."""
+    if rank == 0:
+        with stopping_on_write_errors(output_dir):
+            checkpoint.write_text(os.path.join(output_dir, "log.txt"), "".join(json.dumps(h) + "\n" for h in history))
+
+
+@contextlib.contextmanager
+def stopping_on_write_errors(output_dir):
+    """A file of the run that cannot be written ends the run: one line naming the file, the cause and the checkpoint
+    kept (checkpoint.WriteError -> UserError, exit code 2). Training on without a way to save would lose the work."""
+    try:
+        yield
+    except checkpoint.WriteError as e:
+        advice = {errno.ENOSPC: "free space", errno.EDQUOT: "free space", errno.EACCES: f"make {output_dir} writable",
+                  errno.EPERM: f"make {output_dir} writable", errno.EROFS: f"make {output_dir} writable"}
+        ckpt_path = os.path.join(output_dir, "checkpoint.pth")
+        again = "resume" if os.path.isfile(ckpt_path) else "start"
+        raise UserError(f"{e}; {kept_checkpoint(ckpt_path)}; {advice.get(e.errno, 'fix that')} and re-run to "
+                        f"{again}") from None
+
+
+def kept_checkpoint(path):
+    """What a run stopped by a failed write can resume from, in words (read without loading the weights)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        done = [h["epoch"] for h in ckpt["history"]]
+        if ckpt["epoch_sums"] is None and done:
+            return f"the checkpoint of epoch {done[-1]} is kept"
+        return f"the checkpoint of epoch {ckpt['epoch']}, iteration {ckpt['iteration']} is kept"
+    except FileNotFoundError:
+        return "no checkpoint was saved yet"
+    except Exception:  # not ours, or unreadable: it is still untouched
+        return f"{path} is kept as it was"
 
 
 def collapse_kind(entropy, out_dim):

@@ -35,6 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import augment
+import checkpoint
 import data as data_lib
 import vit
 
@@ -165,9 +166,8 @@ def visualize(model, image_path, output_dir, size, threshold=0.6):
     for i, colour in enumerate(head_colours(len(attn))):
         pictures[f"attn-head{i}.png"] = heatmap(attn[i])
         pictures[f"mask-head{i}.png"] = mask_picture(image, masks[i], colour)
-    os.makedirs(output_dir, exist_ok=True)
-    for name, picture in pictures.items():
-        Image.fromarray(picture).save(os.path.join(output_dir, name))
+    for name, picture in pictures.items():  # each whole or not at all; a full disk raises checkpoint.WriteError
+        checkpoint.write_atomic(os.path.join(output_dir, name), lambda f: Image.fromarray(picture).save(f, "PNG"))
     return list(pictures)
 
 

@@ -46,6 +46,18 @@ def test_loss_equals_a_direct_evaluation_of_eq3_over_three_steps_with_the_centre
         torch.testing.assert_close(loss_fn.center, center)
 
 
+def test_the_loss_stays_in_fp32_under_bf16_autocast():
+    """Autocast runs matmuls (einsum) in bf16: the loss of logits computed in bf16 is still reckoned in fp32, as the
+    official code's elementwise sum is (a bf16 loss near 10 is a multiple of 1/16)."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(4 * 8, 64), torch.randn(2 * 8, 64)
+    expected = DINOLoss(64, 4, 0.04, 0.04, 0, 1)(student, teacher, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = DINOLoss(64, 4, 0.04, 0.04, 0, 1)(student, teacher, 0)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected)
+
+
 def test_a_view_is_never_its_own_target():
     torch.manual_seed(0)
     K, B = 5, 2
