@@ -337,7 +337,7 @@ def load_rgb(path):
         return to_rgb(im)
 
 
-def _is_image(name):
+def is_image(name):
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
@@ -354,9 +354,9 @@ class ImageFolderDataset(Dataset):
         for label, c in enumerate(self.classes):
             for dirpath, dirnames, files in os.walk(os.path.join(root, c), followlinks=True):
                 dirnames.sort()
-                self.samples += [(os.path.join(dirpath, f), label) for f in sorted(files) if _is_image(f)]
+                self.samples += [(os.path.join(dirpath, f), label) for f in sorted(files) if is_image(f)]
         if not self.samples:
-            loose = sum(_is_image(f) for f in os.listdir(root))
+            loose = sum(is_image(f) for f in os.listdir(root))
             hint = f"{loose} images lie directly in it: move them to a class sub-folder" if loose else \
                 "expected class sub-folders with .jpg/.png files"
             raise DataError(f"no images found in {root} ({hint})")

@@ -7,6 +7,7 @@ hyper-parameter to tune but k: a cheap probe of how well the features cluster by
 ViT-S/16, 800 epochs): 74.5% top-1 with k = 20.
 
     python eval_knn.py OUT/checkpoint.pth                       # data, arch, patch and image size from the checkpoint
+    python eval_knn.py --pretrained dino_vits16 --data /path/imagenet    # released weights, fetched to the hub cache
     python eval_knn.py dino_deitsmall16_pretrain.pth --arch vit_small --patch 16 --data /path/imagenet
     torchrun --nproc_per_node=8 eval_knn.py CKPT --data /path/imagenet     # features extracted in parallel
 
@@ -152,7 +153,8 @@ def monitor_top1(model, train_dataset, val_dataset, device, k=20, temperature=0.
 def get_args_parser():
     p = argparse.ArgumentParser("eval_knn.py", description="Weighted k-NN on frozen DINO features (Sec. 3.2).")
     p.add_argument("checkpoint", nargs="?", help="our OUT/checkpoint.pth, an official training checkpoint or a "
-                   "released backbone file (not needed with --load_features)")
+                   "released backbone file (not needed with --pretrained or --load_features)")
+    p.add_argument("--pretrained", default=None, metavar="NAME", help=checkpoint.PRETRAINED_HELP)
     p.add_argument("--data", default=None, help=f"an embedded dataset ({', '.join(data_lib.VARIANTS)}) or a folder "
                    f"with train/ and val/ class folders; default: the data the checkpoint was trained on, else "
                    f"'{data_lib.DEFAULT_DATA}'")
@@ -190,7 +192,7 @@ def run(args):
         tensors = [checkpoint.load(os.path.join(args.load_features, f)).to(device) for f in FEATURE_FILES]
         train_features, test_features, train_labels, test_labels = tensors
     else:
-        model, saved = vit.from_checkpoint(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key)
+        model, saved = vit.from_args(args)  # a checkpoint file, or --pretrained NAME
         if args.random_init:  # same shape, fresh weights: what the features owe to training
             torch.manual_seed(0)
             model = vit.build_like(saved)
@@ -203,7 +205,8 @@ def run(args):
         train_dataset = data_lib.build_dataset(data, "train", transform)
         val_dataset = data_lib.build_dataset(data, "val", transform)
         if rank == 0:
-            what = "raw pixels" if args.raw_pixels else "random init" if args.random_init else args.checkpoint_key
+            what = "raw pixels" if args.raw_pixels else "random init" if args.random_init else \
+                args.pretrained or args.checkpoint_key
             print(f"{saved['arch']}/{saved['patch_size']}, {saved.get('depth', 12)} blocks ({what}) on "
                   f"'{data}': {len(train_dataset)} train / {len(val_dataset)} val images at {size}px")
         train_features, train_labels = extract_features(model, train_dataset, device, args.batch_size,
@@ -227,8 +230,8 @@ def run(args):
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if not args.checkpoint and not args.load_features:
-        parser.error("a checkpoint is required (or --load_features DIR)")
+    if not args.checkpoint and not args.pretrained and not args.load_features:
+        parser.error("a checkpoint is required (or --pretrained NAME, or --load_features DIR)")
     try:
         run(args)
     except (OSError, ValueError) as e:  # missing file, not a checkpoint, wrong arch, bad data folder: one line
