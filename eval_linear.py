@@ -209,8 +209,8 @@ def run(args):
     val_dataset = data_lib.build_dataset(data, "val", val_tf)
     num_labels = len(train_dataset.classes)
     dim = model.embed_dim * (n + int(avgpool))
-    log(f"{saved['arch']} ({args.pretrained or args.checkpoint_key}) on '{data}': {len(train_dataset)} train / {len(val_dataset)} val "
-        f"images at {size}px, {num_labels} classes; features: [CLS] of {n} blocks{' + avg patch' if avgpool else ''}"
+    log(f"{saved['arch']} ({args.pretrained or args.checkpoint_key}) on '{data}': {len(train_dataset)} train / "
+        f"{len(val_dataset)} val images at {size}px, {num_labels} classes; features: [CLS] of {n} blocks{' + avg patch' if avgpool else ''}"
         f" = {dim}-d; {'cached' if cache else 'augmented'}")
 
     def frozen(x):  # normalised images -> frozen features (b, dim)
@@ -236,7 +236,8 @@ def run(args):
     if world > 1:
         linear = nn.parallel.DistributedDataParallel(linear, device_ids=[device] if device.type == "cuda" else None)
     lr = args.lr * args.batch_size * world / 256.0  # linear scaling rule
-    output_dir = args.output_dir or (os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else ".")
+    output_dir = args.output_dir or (os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else
+                                     ".")  # with --pretrained: the current folder
     os.makedirs(output_dir, exist_ok=True)
     log_file = os.path.join(output_dir, "linear_log.txt") if rank == 0 else None
     if log_file:

@@ -230,8 +230,9 @@ def from_args(args):
     if args.pretrained and args.checkpoint:
         raise ValueError(f"give a checkpoint or --pretrained, not both ({args.checkpoint}, {args.pretrained})")
     if args.pretrained:
-        arch, patch_size, _ = check_released(args.pretrained)
-        return released(args.pretrained), {"arch": arch, "patch_size": patch_size}
+        model = released(args.pretrained)
+        return model, {"arch": check_released(args.pretrained)[0], "patch_size": model.patch_size,
+                       "depth": len(model.blocks)}
     if not args.checkpoint:
         raise ValueError("a checkpoint is required: a file, or --pretrained NAME for released weights")
     return from_checkpoint(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key)
