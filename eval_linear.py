@@ -210,8 +210,8 @@ def run(args):
     num_labels = len(train_dataset.classes)
     dim = model.embed_dim * (n + int(avgpool))
     log(f"{saved['arch']} ({args.pretrained or args.checkpoint_key}) on '{data}': {len(train_dataset)} train / "
-        f"{len(val_dataset)} val images at {size}px, {num_labels} classes; features: [CLS] of {n} blocks{' + avg patch' if avgpool else ''}"
-        f" = {dim}-d; {'cached' if cache else 'augmented'}")
+        f"{len(val_dataset)} val images at {size}px, {num_labels} classes; features: [CLS] of {n} blocks"
+        f"{' + avg patch' if avgpool else ''} = {dim}-d; {'cached' if cache else 'augmented'}")
 
     def frozen(x):  # normalised images -> frozen features (b, dim)
         return block_features(model, x, n, avgpool)
