@@ -150,6 +150,17 @@ def monitor_top1(model, train_dataset, val_dataset, device, k=20, temperature=0.
 
 # ----------------------------------------------------------------------------- command line
 
+def frozen_backbone(args, device):
+    """The network to evaluate, in eval mode on `device`, and its training args: a checkpoint file or --pretrained
+    NAME (vit.from_args), or with `args.random_init` an untrained network of that shape (seed 0). Also used by
+    eval_retrieval.py and eval_video_segmentation.py."""
+    model, saved = vit.from_args(args)
+    if getattr(args, "random_init", False):  # same shape, fresh weights: what the features owe to training
+        torch.manual_seed(0)
+        model = vit.build_like(saved)
+    return model.to(device).eval(), saved
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("eval_knn.py", description="Weighted k-NN on frozen DINO features (Sec. 3.2).")
     p.add_argument("checkpoint", nargs="?", help="our OUT/checkpoint.pth, an official training checkpoint or a "
@@ -192,13 +203,9 @@ def run(args):
         tensors = [checkpoint.load(os.path.join(args.load_features, f)).to(device) for f in FEATURE_FILES]
         train_features, test_features, train_labels, test_labels = tensors
     else:
-        model, saved = vit.from_args(args)  # a checkpoint file, or --pretrained NAME
-        if args.random_init:  # same shape, fresh weights: what the features owe to training
-            torch.manual_seed(0)
-            model = vit.build_like(saved)
+        model, saved = frozen_backbone(args, device)
         if args.raw_pixels:  # (B, 3, H, W) normalised pixels -> (B, 3*H*W)
             model = torch.nn.Flatten()
-        model.to(device).eval()
         size = checkpoint.eval_image_size(args.image_size, saved)
         data = args.data or saved.get("data") or data_lib.DEFAULT_DATA  # else the data it was trained on
         transform = augment.eval_transform(size)
