@@ -144,3 +144,20 @@ def test_pretrained_mistakes_are_one_line(hub, argv, message, tmp_path, capsys):
     assert visualize_attention.main(argv + ["--image", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_full_size_released_vits16_serves_the_hub_knn_and_attention_offline(hub, tmp_path, capsys):
+    torch.manual_seed(0)
+    source = vit.vit_small(patch_size=16).eval()  # 12 blocks, the official keys: a stand-in for the released file
+    os.makedirs(hub)
+    torch.save(source.state_dict(), hub / "dino_deitsmall16_pretrain.pth")
+    model = torch.hub.load(ROOT, "dino_vits16", source="local").eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (model(x) - source(x)).abs().max() < 1e-4
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8)).save(image)
+    assert visualize_attention.main(["--pretrained", "dino_vits16", "--image", str(image), "--image_size", "96",
+                                     "--output_dir", str(tmp_path / "attn")]) == 0
+    assert "mask-head5.png" in os.listdir(tmp_path / "attn")
