@@ -13,10 +13,16 @@ backbone file (dino_deitsmall16_pretrain.pth, ...) is a bare state dict of the V
 Every file a run writes goes through `write_atomic`: it is written whole or not at all, and a write that fails (full
 disk, no permission, read-only file system) removes its temporary file, leaves the old file as it was and raises
 WriteError, an OSError whose message names the file and the cause in one line.
-The model side (building the ViT that a file was trained with) is vit.from_checkpoint.
+
+Released DINO backbones are also fetched by their torch.hub names (the official hubconf.py's entry points):
+
+    sd = load_released("dino_vits16")   # $TORCH_HOME/hub/checkpoints/dino_deitsmall16_pretrain.pth, downloaded once
+
+The model side (building the ViT that a file was trained with) is vit.from_checkpoint, vit.released and vit.from_args.
 """
 import argparse
 import contextlib
+import http.client
 import os
 
 import torch
@@ -126,7 +132,11 @@ def backbone_state_dict(ckpt, checkpoint_key="teacher"):
 
 def load_pretrained_weights(model, path, checkpoint_key="teacher"):
     """Load backbone weights strictly; a file that does not fit the model raises CheckpointError naming why."""
-    sd = backbone_state_dict(load(path), checkpoint_key)
+    return load_backbone(model, backbone_state_dict(load(path), checkpoint_key), path)
+
+
+def load_backbone(model, sd, path):
+    """Load the backbone state dict `sd` (read from `path`, named in the messages) into `model`, strictly."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -172,3 +182,62 @@ def training_args(path, arch=None, patch_size=None):
 def eval_image_size(image_size, saved):
     """--image_size, else the training global crop size (ours saves it; official runs used 224)."""
     return int(image_size or saved.get("global_size") or 224)
+
+
+# ============ released DINO weights, by their torch.hub names ============
+# name -> (arch, patch size, file). The file is served at https://dl.fbaipublicfiles.com/dino/<stem>/<file> and kept
+# in torch.hub's cache under its official name, so the official hubconf.py and ours share one download.
+RELEASED = {
+    "dino_vits16": ("vit_small", 16, "dino_deitsmall16_pretrain.pth"),  # k-NN 74.5%, linear 77.0% (Table 2)
+    "dino_vits8": ("vit_small", 8, "dino_deitsmall8_pretrain.pth"),  # k-NN 78.3%, linear 79.7%
+    "dino_vitb16": ("vit_base", 16, "dino_vitbase16_pretrain.pth"),  # k-NN 76.1%, linear 78.2%
+    "dino_vitb8": ("vit_base", 8, "dino_vitbase8_pretrain.pth"),  # k-NN 77.4%, linear 80.1%
+}
+PRETRAINED_HELP = (f"released DINO weights instead of a checkpoint: {', '.join(RELEASED)} (architecture and patch "
+                   "follow from the name); downloaded once into $TORCH_HOME/hub/checkpoints/ (default "
+                   "~/.cache/torch), a file already there is used without network")
+
+
+def released_url(name):
+    file = RELEASED[name][2]
+    return f"https://dl.fbaipublicfiles.com/dino/{file[:-len('.pth')]}/{file}"
+
+
+def released_path(name):
+    """Where torch.hub keeps the file: $TORCH_HOME/hub/checkpoints/<official file name>."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", RELEASED[name][2])
+
+
+def check_released(name):
+    if name not in RELEASED:
+        raise CheckpointError(f"unknown released model '{name}' (choose from {', '.join(RELEASED)})")
+    return RELEASED[name]
+
+
+def load_released(name, progress=True):
+    """The backbone state dict of released model `name`, through torch.hub.load_state_dict_from_url: read from the
+    cache if the file is there (no network), else downloaded first (a progress bar on stderr). torch.hub writes a
+    temporary file and renames it when complete; a failed download leaves nothing, and a complete one that is not a
+    checkpoint (a proxy's error page, say) is removed here. Every failure is a one-line CheckpointError."""
+    check_released(name)
+    url, path = released_url(name), released_path(name)
+    cached = os.path.isfile(path)
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=progress, weights_only=True)
+    except (OSError, http.client.HTTPException) as e:  # offline, HTTP error, timeout, cache folder not writable
+        if cached:
+            raise CheckpointError(f"cannot read {path}: {e}") from None
+        raise CheckpointError(f"could not download {name} from {url} ({_first_line(e)}); offline, copy the file "
+                              f"to {path}") from None
+    except Exception as e:  # the file is there but torch.load cannot read it
+        if not cached and os.path.isfile(path):
+            os.remove(path)
+            raise CheckpointError(f"the download of {name} from {url} is not a readable checkpoint "
+                                  f"({_first_line(e)}); nothing was kept") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}): delete it to "
+                              "download it again") from None
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return (text.splitlines()[0][:160] if text else "") or type(e).__name__

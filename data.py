@@ -17,6 +17,8 @@
 - `ImageFolderDataset`: ImageNet-style ROOT/{train,val}/<class>/<image> folders, read lazily; an unreadable or
   truncated file is skipped with a warning instead of crashing a run hours in.
 - `build_dataset(data, split, transform=None, masks_root=None)`: what train.py and eval_*.py call.
+- `synthetic_videos()`: the embedded videos of eval_video_segmentation.py (Sec. 4.2.2): shapes that move, turn and
+  cross, with a mask per frame (`render_video`).
 
 Every dataset yields `(transform(img), label)` with `img` an RGB PIL image, and has `classes`, `targets`,
 `image(i)` (the untransformed image) and `mask(i)` (bool (H, W) foreground, or None).
@@ -337,7 +339,7 @@ def load_rgb(path):
         return to_rgb(im)
 
 
-def _is_image(name):
+def is_image(name):
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
@@ -354,9 +356,9 @@ class ImageFolderDataset(Dataset):
         for label, c in enumerate(self.classes):
             for dirpath, dirnames, files in os.walk(os.path.join(root, c), followlinks=True):
                 dirnames.sort()
-                self.samples += [(os.path.join(dirpath, f), label) for f in sorted(files) if _is_image(f)]
+                self.samples += [(os.path.join(dirpath, f), label) for f in sorted(files) if is_image(f)]
         if not self.samples:
-            loose = sum(_is_image(f) for f in os.listdir(root))
+            loose = sum(is_image(f) for f in os.listdir(root))
             hint = f"{loose} images lie directly in it: move them to a class sub-folder" if loose else \
                 "expected class sub-folders with .jpg/.png files"
             raise DataError(f"no images found in {root} ({hint})")
@@ -425,6 +427,60 @@ def build_dataset(data, split, transform=None, masks_root=None):
     if masks_root is not None and os.path.isdir(os.path.join(masks_root, split)):
         masks_root = os.path.join(masks_root, split)
     return ImageFolderDataset(folder, transform, masks_root)
+
+
+# ============ the synthetic video (eval_video_segmentation.py) ============
+VIDEO_SEEDS = 1000  # video i is drawn from the generator seeded by (VIDEO_SEEDS, i): apart from the images' seeds
+
+
+def render_video(index, n_frames=24, size=128, n_objects=3, exposure=0.4):
+    """Video `index` of the embedded video-segmentation set: `n_objects` shapes of different SHAPES classes, each with
+    its own grey, size and spin, sliding across the frame on straight paths that pass near its centre, so that they
+    cross and hide one another (a later object is in front). Drawn as `scatter` is (light greys on a dark grey,
+    pixel noise), the objects a little larger than its copies (radius 10-14% of the side). The camera's exposure
+    drifts, as in real footage: brightness and contrast each follow a slow wave between 1 - exposure and
+    1 + exposure (0.6-1.4 by default, the range of DINO's colour jitter), so that grey levels alone cannot carry an
+    object's label from frame to frame (with exposure=0 they can, and an untrained network does as well as DINO).
+    Returns uint8 frames (T, size, size, 3) and uint8 masks (T, size, size): 0 background, k for object k (1..n)."""
+    rng = np.random.default_rng([VIDEO_SEEDS, index])
+    S = 2 * size  # draw at 2x and average 2x2 pixels, as the images
+    shapes = rng.choice(len(SHAPES), n_objects, replace=False)
+    objects = []
+    for k in range(n_objects):
+        direction, offset = rng.uniform(0, 2 * np.pi), rng.uniform(-0.12, 0.12) * S  # the path and its distance
+        along = np.array([np.cos(direction), np.sin(direction)])  # from the centre
+        start, end = rng.uniform(-0.35, -0.1) * S, rng.uniform(0.1, 0.35) * S  # where on the path it starts, ends
+        objects.append(dict(polygons=list(SHAPES.values())[shapes[k]], r=rng.uniform(0.1, 0.14) * S,
+                            level=rng.uniform(170, 255), angle=rng.uniform(-np.pi, np.pi),
+                            spin=rng.uniform(-1, 1) * np.deg2rad(10), along=along, start=start, end=end,
+                            centre=S / 2 + offset * np.array([-along[1], along[0]])))
+    t = np.arange(n_frames)
+    phase = rng.uniform(0, 2 * np.pi, 2)
+    brightness = 1 + exposure * np.sin(2 * np.pi * t / 9 + phase[0])  # (T,): periods of 9 and 7 frames
+    contrast = 1 + exposure * np.sin(2 * np.pi * t / 7 + phase[1])
+    frames = np.empty((n_frames, size, size, 3), np.uint8)
+    masks = np.zeros((n_frames, size, size), np.uint8)
+    for t in range(n_frames):
+        img = np.full((size, size), 35.0)  # the dark grey of `scatter`
+        u = t / max(n_frames - 1, 1)  # how far along its path each object is
+        for k, o in enumerate(objects, start=1):  # back to front
+            c = o["centre"] + ((1 - u) * o["start"] + u * o["end"]) * o["along"]  # (2,): position at frame t
+            alpha = Image.new("L", (S, S), 0)
+            _draw_shape(ImageDraw.Draw(alpha), o["polygons"], o["r"], c, o["angle"] + o["spin"] * t)
+            cover = np.asarray(alpha.reduce(2), np.float32) / 255  # (size, size): how much of a pixel it covers
+            img = img + (o["level"] - img) * cover  # drawn over what is behind it
+            masks[t][cover >= 0.5] = k
+        img = img * brightness[t]  # exposure, as torchvision's brightness and contrast: scale, blend with the mean
+        img = img.mean() + (img - img.mean()) * contrast[t]
+        img = img[..., None].repeat(3, 2) + rng.normal(0, 6, (size, size, 3))  # (size, size, 3), sensor-like noise
+        frames[t] = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    return frames, masks
+
+
+def synthetic_videos(n_videos=8, n_frames=24, size=128):
+    """[(name, frames, masks)] of `render_video`: the default data of eval_video_segmentation.py (deterministic,
+    a second or two to draw, nothing cached)."""
+    return [(f"video{i:02d}", *render_video(i, n_frames, size)) for i in range(n_videos)]
 
 
 def main(argv=None):

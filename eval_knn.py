@@ -7,6 +7,7 @@ hyper-parameter to tune but k: a cheap probe of how well the features cluster by
 ViT-S/16, 800 epochs): 74.5% top-1 with k = 20.
 
     python eval_knn.py OUT/checkpoint.pth                       # data, arch, patch and image size from the checkpoint
+    python eval_knn.py --pretrained dino_vits16 --data /path/imagenet    # released weights, fetched to the hub cache
     python eval_knn.py dino_deitsmall16_pretrain.pth --arch vit_small --patch 16 --data /path/imagenet
     torchrun --nproc_per_node=8 eval_knn.py CKPT --data /path/imagenet     # features extracted in parallel
 
@@ -149,10 +150,22 @@ def monitor_top1(model, train_dataset, val_dataset, device, k=20, temperature=0.
 
 # ----------------------------------------------------------------------------- command line
 
+def frozen_backbone(args, device):
+    """The network to evaluate, in eval mode on `device`, and its training args: a checkpoint file or --pretrained
+    NAME (vit.from_args), or with `args.random_init` an untrained network of that shape (seed 0). Also used by
+    eval_retrieval.py and eval_video_segmentation.py."""
+    model, saved = vit.from_args(args)
+    if getattr(args, "random_init", False):  # same shape, fresh weights: what the features owe to training
+        torch.manual_seed(0)
+        model = vit.build_like(saved)
+    return model.to(device).eval(), saved
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("eval_knn.py", description="Weighted k-NN on frozen DINO features (Sec. 3.2).")
     p.add_argument("checkpoint", nargs="?", help="our OUT/checkpoint.pth, an official training checkpoint or a "
-                   "released backbone file (not needed with --load_features)")
+                   "released backbone file (not needed with --pretrained or --load_features)")
+    p.add_argument("--pretrained", default=None, metavar="NAME", help=checkpoint.PRETRAINED_HELP)
     p.add_argument("--data", default=None, help=f"an embedded dataset ({', '.join(data_lib.VARIANTS)}) or a folder "
                    f"with train/ and val/ class folders; default: the data the checkpoint was trained on, else "
                    f"'{data_lib.DEFAULT_DATA}'")
@@ -190,20 +203,17 @@ def run(args):
         tensors = [checkpoint.load(os.path.join(args.load_features, f)).to(device) for f in FEATURE_FILES]
         train_features, test_features, train_labels, test_labels = tensors
     else:
-        model, saved = vit.from_checkpoint(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key)
-        if args.random_init:  # same shape, fresh weights: what the features owe to training
-            torch.manual_seed(0)
-            model = vit.build_like(saved)
+        model, saved = frozen_backbone(args, device)
         if args.raw_pixels:  # (B, 3, H, W) normalised pixels -> (B, 3*H*W)
             model = torch.nn.Flatten()
-        model.to(device).eval()
         size = checkpoint.eval_image_size(args.image_size, saved)
         data = args.data or saved.get("data") or data_lib.DEFAULT_DATA  # else the data it was trained on
         transform = augment.eval_transform(size)
         train_dataset = data_lib.build_dataset(data, "train", transform)
         val_dataset = data_lib.build_dataset(data, "val", transform)
         if rank == 0:
-            what = "raw pixels" if args.raw_pixels else "random init" if args.random_init else args.checkpoint_key
+            what = "raw pixels" if args.raw_pixels else "random init" if args.random_init else \
+                args.pretrained or args.checkpoint_key
             print(f"{saved['arch']}/{saved['patch_size']}, {saved.get('depth', 12)} blocks ({what}) on "
                   f"'{data}': {len(train_dataset)} train / {len(val_dataset)} val images at {size}px")
         train_features, train_labels = extract_features(model, train_dataset, device, args.batch_size,
@@ -227,8 +237,8 @@ def run(args):
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if not args.checkpoint and not args.load_features:
-        parser.error("a checkpoint is required (or --load_features DIR)")
+    if not args.checkpoint and not args.pretrained and not args.load_features:
+        parser.error("a checkpoint is required (or --pretrained NAME, or --load_features DIR)")
     try:
         run(args)
     except (OSError, ValueError) as e:  # missing file, not a checkpoint, wrong arch, bad data folder: one line

@@ -8,6 +8,7 @@ cosine to 0 over the epochs (stepped per epoch); RandomResizedCrop + flip for tr
 for validation. Paper (ImageNet, ViT-S/16, 800 epochs): 77.0% top-1 after 100 epochs.
 
     python eval_linear.py OUT/checkpoint.pth                    # embedded data: cached features, seconds on a CPU
+    python eval_linear.py --pretrained dino_vitb16 --data /path/imagenet     # released weights (hub cache)
     python eval_linear.py dino_vitbase16_pretrain.pth --arch vit_base --patch 16 --data /path/imagenet
     torchrun --nproc_per_node=8 eval_linear.py CKPT --data /path/imagenet
 
@@ -154,7 +155,9 @@ def train_linear(linear, train_loader, val_loader, epochs, lr, device, embed=Non
 
 def get_args_parser():
     p = argparse.ArgumentParser("eval_linear.py", description="Linear probe on frozen DINO features (Sec. 3.2).")
-    p.add_argument("checkpoint", help="our OUT/checkpoint.pth, an official training checkpoint or a released backbone")
+    p.add_argument("checkpoint", nargs="?", help="our OUT/checkpoint.pth, an official training checkpoint or a "
+                   "released backbone file (not needed with --pretrained)")
+    p.add_argument("--pretrained", default=None, metavar="NAME", help=checkpoint.PRETRAINED_HELP)
     p.add_argument("--data", default=None, help=f"an embedded dataset ({', '.join(data_lib.VARIANTS)}) or a folder "
                    f"with train/ and val/ class folders; default: the data the checkpoint was trained on, else "
                    f"'{data_lib.DEFAULT_DATA}'")
@@ -181,7 +184,7 @@ def get_args_parser():
     p.add_argument("--num_workers", default=2, type=int,
                    help="data loading processes per process; the official code uses 10 (default: %(default)s)")
     p.add_argument("--output_dir", default=None, help="where linear.pth and linear_log.txt go; default: the "
-                   "checkpoint's folder")
+                   "checkpoint's folder (the current folder with --pretrained)")
     p.add_argument("--seed", default=0, type=int,
                    help="seed of the layer's init and of the data order (default: %(default)s)")
     return p
@@ -191,7 +194,7 @@ def run(args):
     rank, world, device = distributed.init()
     log = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    model, saved = vit.from_checkpoint(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key)
+    model, saved = vit.from_args(args)  # a checkpoint file, or --pretrained NAME
     model.to(device).eval().requires_grad_(False)
     is_base = saved["arch"] == "vit_base"
     n = args.n_last_blocks or (1 if is_base else 4)
@@ -206,9 +209,9 @@ def run(args):
     val_dataset = data_lib.build_dataset(data, "val", val_tf)
     num_labels = len(train_dataset.classes)
     dim = model.embed_dim * (n + int(avgpool))
-    log(f"{saved['arch']} ({args.checkpoint_key}) on '{data}': {len(train_dataset)} train / {len(val_dataset)} val "
-        f"images at {size}px, {num_labels} classes; features: [CLS] of {n} blocks{' + avg patch' if avgpool else ''}"
-        f" = {dim}-d; {'cached' if cache else 'augmented'}")
+    log(f"{saved['arch']} ({args.pretrained or args.checkpoint_key}) on '{data}': {len(train_dataset)} train / "
+        f"{len(val_dataset)} val images at {size}px, {num_labels} classes; features: [CLS] of {n} blocks"
+        f"{' + avg patch' if avgpool else ''} = {dim}-d; {'cached' if cache else 'augmented'}")
 
     def frozen(x):  # normalised images -> frozen features (b, dim)
         return block_features(model, x, n, avgpool)
@@ -233,7 +236,8 @@ def run(args):
     if world > 1:
         linear = nn.parallel.DistributedDataParallel(linear, device_ids=[device] if device.type == "cuda" else None)
     lr = args.lr * args.batch_size * world / 256.0  # linear scaling rule
-    output_dir = args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint))
+    output_dir = args.output_dir or (os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else
+                                     ".")  # with --pretrained: the current folder
     os.makedirs(output_dir, exist_ok=True)
     log_file = os.path.join(output_dir, "linear_log.txt") if rank == 0 else None
     if log_file:

@@ -7,12 +7,16 @@ a segmentation mask; the paper scores these masks against ground-truth masks wit
 over union). PASCAL VOC12 val, ViT-S/16: random weights 22.0, supervised 27.3, DINO 45.9 (Fig. 4).
 
     python visualize_attention.py OUT/checkpoint.pth --image cat.jpg --output_dir attn/
+    python visualize_attention.py --pretrained dino_vits8 --image photo.jpg --output_dir out/   # Fig. 1, released
+    python visualize_attention.py --pretrained dino_vits8 --image photos/ --output_dir out/     # one sheet per image
     python visualize_attention.py dino_deitsmall8_pretrain.pth --arch vit_small --patch 8 --image cat.jpg
     python visualize_attention.py OUT/checkpoint.pth --jaccard [--random_init]  # embedded data: masks built in
     python visualize_attention.py CKPT --jaccard --data /path/ROOT --masks /path/MASKROOT [--max_images 500]
 
 Pictures: img.png (the input as the model saw it), attn-head{i}.png (heat map of head i), attn-overlay.png (every
 head in its own colour, as Fig. 3) and mask-head{i}.png (head i's 60%-mass mask over the image, as Fig. 4).
+With a folder as --image, each image in it gives one sheet, <name>.png: the image and the heads' maps in the first
+row, the overlay and the heads' masks in the second.
 The image's short side is resized to --image_size (default: the checkpoint's training crop size, 64 px for the CPU
 recipe; 480 for a released backbone file, the paper's figures), then cropped (top-left, as the official code) to a
 multiple of the patch size; the position embeddings are interpolated to any grid. Maps are upsampled to pixels by
@@ -153,10 +157,8 @@ def mask_picture(image, mask, colour, alpha=0.5):
 
 
 @torch.no_grad()
-def visualize(model, image_path, output_dir, size, threshold=0.6):
-    """Write img.png, attn-head{i}.png, attn-overlay.png and mask-head{i}.png; returns the file names."""
-    if not os.path.isfile(image_path):
-        raise FileNotFoundError(f"image not found: {image_path}")
+def pictures_of(model, image_path, size, threshold=0.6):
+    """{file name: (h, w, 3) uint8} for img.png, attn-overlay.png, attn-head{i}.png and mask-head{i}.png."""
     x, _ = prepare(data_lib.load_rgb(image_path), size, model.patch_size)  # (3, h, w) uint8
     attn = cls_attention(model, x[None].to(next(model.parameters()).device))[0]  # (heads, h/P, w/P)
     masks = to_pixels(mass_mask(attn, threshold), model.patch_size).cpu().numpy()  # (heads, h, w) bool
@@ -166,8 +168,47 @@ def visualize(model, image_path, output_dir, size, threshold=0.6):
     for i, colour in enumerate(head_colours(len(attn))):
         pictures[f"attn-head{i}.png"] = heatmap(attn[i])
         pictures[f"mask-head{i}.png"] = mask_picture(image, masks[i], colour)
-    for name, picture in pictures.items():  # each whole or not at all; a full disk raises checkpoint.WriteError
-        checkpoint.write_atomic(os.path.join(output_dir, name), lambda f: Image.fromarray(picture).save(f, "PNG"))
+    return pictures
+
+
+def sheet(pictures, gap=4):
+    """One picture of all: the image and each head's map in the first row, the overlay and each head's mask in the
+    second, on white."""
+    heads = sum(name.startswith("attn-head") for name in pictures)
+    rows = [["img.png"] + [f"attn-head{i}.png" for i in range(heads)],
+            ["attn-overlay.png"] + [f"mask-head{i}.png" for i in range(heads)]]
+    h, w, _ = pictures["img.png"].shape
+    out = np.full((2 * h + gap, (heads + 1) * (w + gap) - gap, 3), 255, np.uint8)  # (2h+gap, (1+heads)(w+gap)-gap, 3)
+    for r, row in enumerate(rows):
+        for c, name in enumerate(row):
+            out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = pictures[name]
+    return out
+
+
+def save_png(picture, path):
+    """Whole or not at all: a full disk or a folder that cannot be written raises checkpoint.WriteError."""
+    checkpoint.write_atomic(path, lambda f: Image.fromarray(picture).save(f, "PNG"))
+
+
+def visualize(model, image_path, output_dir, size, threshold=0.6):
+    """An image file: write img.png, attn-head{i}.png, attn-overlay.png and mask-head{i}.png into output_dir.
+    A folder: write one sheet per image in it, output_dir/<image name>.png. Returns the names written."""
+    if os.path.isdir(image_path):
+        files = sorted(f for f in os.listdir(image_path) if data_lib.is_image(f))
+        if not files:
+            raise data_lib.DataError(f"no images in {image_path}")
+        os.makedirs(output_dir, exist_ok=True)
+        names = [os.path.splitext(f)[0] + ".png" for f in files]
+        for f, name in zip(tqdm(files, desc="sheets", leave=False, file=sys.stderr), names):
+            picture = sheet(pictures_of(model, os.path.join(image_path, f), size, threshold))
+            save_png(picture, os.path.join(output_dir, name))
+        return names
+    if not os.path.isfile(image_path):
+        raise FileNotFoundError(f"image not found: {image_path}")
+    pictures = pictures_of(model, image_path, size, threshold)
+    os.makedirs(output_dir, exist_ok=True)
+    for name, picture in pictures.items():
+        save_png(picture, os.path.join(output_dir, name))
     return list(pictures)
 
 
@@ -183,9 +224,11 @@ def random_like(model, arch, seed=0):
 def get_args_parser():
     p = argparse.ArgumentParser("visualize_attention.py", description="[CLS] self-attention maps, their 60%-mass "
                                 "masks, and their Jaccard with ground-truth masks (Sec. 4.2.2, Fig. 3-4).")
-    p.add_argument("checkpoint", help="our OUT/checkpoint.pth, an official training checkpoint or a released "
-                   "backbone file (then give --arch and --patch)")
-    p.add_argument("--image", default=None, help="picture to visualise (any size, any format PIL reads)")
+    p.add_argument("checkpoint", nargs="?", help="our OUT/checkpoint.pth, an official training checkpoint or a "
+                   "released backbone file (then give --arch and --patch); not needed with --pretrained")
+    p.add_argument("--pretrained", default=None, metavar="NAME", help=checkpoint.PRETRAINED_HELP)
+    p.add_argument("--image", default=None, help="picture to visualise (any size, any format PIL reads), or a folder "
+                   "of pictures (one sheet each)")
     p.add_argument("--output_dir", default=".", help="where the PNGs go (default: %(default)s)")
     p.add_argument("--image_size", default=None, type=int, help="short side in pixels before the crop to a multiple "
                    f"of the patch; default: the checkpoint's global crop size, else {RELEASED_IMAGE_SIZE} (paper)")
@@ -217,7 +260,7 @@ def run(args):
         raise ValueError(f"--threshold must be in (0, 1], got {args.threshold}")
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max_images must be at least 1, got {args.max_images}")
-    model, saved = vit.from_checkpoint(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key)
+    model, saved = vit.from_args(args)  # a checkpoint file, or --pretrained NAME
     if args.random_init:
         model = random_like(model, saved["arch"], args.seed)
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()

@@ -9,6 +9,7 @@ The parameter names are exactly those of the official code, so released DINO wei
 
     model = vit_small(patch_size=16)
     load_pretrained_weights(model, "dino_deitsmall16_pretrain.pth")
+    model = released("dino_vits16")                # the same, fetched into torch.hub's cache on first use
     features = model(images)                       # (B, 384)
     attn = model.get_last_selfattention(images)    # (B, 6, 1+N, 1+N)
 """
@@ -18,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, load_pretrained_weights, training_args  # noqa: F401 (DESIGN.md §2)
+from checkpoint import (CheckpointError, backbone_state_dict, check_released, load_backbone,  # noqa: F401
+                        load_pretrained_weights, load_released, released_path, training_args)  # (DESIGN.md §2)
 
 
 def drop_path(x, drop_prob, training):
@@ -210,3 +212,27 @@ def build_like(saved):
     if saved.get("global_size"):
         shape["img_size"] = saved["global_size"]  # the stored pos_embed grid (other sizes are interpolated)
     return ARCHS[saved["arch"]](patch_size=int(saved["patch_size"]), **shape)
+
+
+def released(name, pretrained=True, progress=True, **kw):
+    """The ViT of released DINO `name` (dino_vits16, dino_vits8, dino_vitb16, dino_vitb8: checkpoint.RELEASED) with
+    its weights from torch.hub's cache, downloaded on first use; untrained with pretrained=False (hubconf.py)."""
+    arch, patch_size, _ = check_released(name)
+    model = ARCHS[arch](patch_size=patch_size, **kw)
+    if pretrained:
+        load_backbone(model, backbone_state_dict(load_released(name, progress)), released_path(name))
+    return model
+
+
+def from_args(args):
+    """The model a script's command line names: `args.pretrained` (a released name) or `args.checkpoint` (a file,
+    with `args.arch`, `args.patch_size`, `args.checkpoint_key`). Returns (model, training args as from_checkpoint)."""
+    if args.pretrained and args.checkpoint:
+        raise ValueError(f"give a checkpoint or --pretrained, not both ({args.checkpoint}, {args.pretrained})")
+    if args.pretrained:
+        model = released(args.pretrained)
+        return model, {"arch": check_released(args.pretrained)[0], "patch_size": model.patch_size,
+                       "depth": len(model.blocks)}
+    if not args.checkpoint:
+        raise ValueError("a checkpoint is required: a file, or --pretrained NAME for released weights")
+    return from_checkpoint(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key)

@@ -10,8 +10,9 @@ import pytest
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["train.py", "eval_knn.py", "eval_linear.py", "visualize_attention.py", "benchmark.py", "data.py",
-           "lab/plot_log.py", "lab/plot_samples.py", "lab/recipes.py"]
+SCRIPTS = ["train.py", "eval_knn.py", "eval_linear.py", "visualize_attention.py", "eval_retrieval.py",
+           "eval_video_segmentation.py", "benchmark.py", "data.py", "lab/plot_log.py", "lab/plot_samples.py",
+           "lab/recipes.py"]
 
 
 def read(name):

@@ -1,0 +1,32 @@
+"""torch.hub entry points: released DINO backbones as this repository's `vit.VisionTransformer`.
+
+The same names and the same weights as the official hubconf.py (facebookresearch/dino), so either gives the features
+of the paper's models in one line; the weights go through torch.hub's cache ($TORCH_HOME/hub/checkpoints/), where a
+file already present is used without network:
+
+    model = torch.hub.load("/path/to/this/checkout", "dino_vits16", source="local")   # or "<owner>/<repo>" on GitHub
+    features = model(images)                                                           # (B, 384) [CLS]
+"""
+import vit
+
+dependencies = ["torch"]
+
+
+def dino_vits16(pretrained=True, **kwargs):
+    """ViT-S/16 trained with DINO: 74.5% k-NN, 77.0% linear top-1 on ImageNet."""
+    return vit.released("dino_vits16", pretrained, **kwargs)
+
+
+def dino_vits8(pretrained=True, **kwargs):
+    """ViT-S/8 trained with DINO: 78.3% k-NN, 79.7% linear top-1 on ImageNet."""
+    return vit.released("dino_vits8", pretrained, **kwargs)
+
+
+def dino_vitb16(pretrained=True, **kwargs):
+    """ViT-B/16 trained with DINO: 76.1% k-NN, 78.2% linear top-1 on ImageNet."""
+    return vit.released("dino_vitb16", pretrained, **kwargs)
+
+
+def dino_vitb8(pretrained=True, **kwargs):
+    """ViT-B/8 trained with DINO: 77.4% k-NN, 80.1% linear top-1 on ImageNet."""
+    return vit.released("dino_vitb8", pretrained, **kwargs)
