@@ -13,8 +13,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["benchmark.py", "--patch", "16", "--global_size", "100"], "does not divide"),
     (["eval_linear.py", "no_such_checkpoint.pth"], "not found"),
     (["visualize_attention.py", "no_such_checkpoint.pth", "--image", "docs/example.png"], "not found"),
-    (["eval_retrieval.py", "no_such_checkpoint.pth"], "not found"),
-    (["eval_video_segmentation.py", "--pretrained", "dino_vits32"], "unknown released model"),
 ])
 def test_a_mistake_is_one_line_and_exit_code_2(argv, message):
     proc = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)

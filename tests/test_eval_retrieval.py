@@ -67,3 +67,11 @@ def test_cli_prints_the_map_for_retrieval_and_copy_detection(tmp_path, capsys, m
         results[mode] = float(out.split("mAP: ")[1])
     assert "6 strong copies of the val images, 6 originals + 10 train distractors" in out
     assert 0 < results["retrieval"] <= 100 and 0 < results["copydetection"] <= 100
+
+
+@pytest.mark.parametrize("argv,message", [(["no_such_checkpoint.pth"], "not found"),
+                                          (["--pretrained", "dino_vits32"], "unknown released model")])
+def test_mistakes_are_one_line(argv, message, capsys):
+    assert er.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1

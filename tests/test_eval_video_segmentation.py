@@ -200,7 +200,8 @@ def test_cli_prints_j_and_f_and_writes_indexed_masks(checkpoint, tmp_path, capsy
 
 @pytest.mark.parametrize("flags,message", [(["--data", "nodavis"], "not a DAVIS-2017 folder"),
                                            (["--image_size", "4"], "do not split into 8-pixel patches")])
-def test_mistakes_are_one_line(checkpoint, flags, message, capsys):
+def test_mistakes_are_one_line(checkpoint, flags, message, capsys, monkeypatch):
+    monkeypatch.setattr(data, "synthetic_videos", lambda: [("v", *data.render_video(0, n_frames=3, size=32))])
     assert evs.main([checkpoint, *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
