@@ -198,6 +198,20 @@ PRETRAINED_HELP = (f"released DINO weights instead of a checkpoint: {', '.join(R
                    "~/.cache/torch), a file already there is used without network")
 
 
+def add_weights_args(p, also=""):
+    """The flags by which every evaluation script is told which weights to read: CHECKPOINT (ours, an official
+    training checkpoint or a released backbone file), or --pretrained NAME; --checkpoint_key, and --arch/--patch for
+    a bare backbone file. `also`: what else makes CHECKPOINT unnecessary, for its help."""
+    p.add_argument("checkpoint", nargs="?", help="our OUT/checkpoint.pth, an official training checkpoint or a "
+                   f"released backbone file (then give --arch and --patch); not needed with --pretrained{also}")
+    p.add_argument("--pretrained", default=None, metavar="NAME", help=PRETRAINED_HELP)
+    p.add_argument("--checkpoint_key", default="teacher", help="which network of a training checkpoint to evaluate: "
+                   "'teacher' (as the paper) or 'student' (default: %(default)s)")
+    p.add_argument("--arch", default=None, help="vit_tiny, vit_small or vit_base; needed only for a bare backbone file")
+    p.add_argument("--patch", "--patch_size", dest="patch_size", default=None, type=int,
+                   help="patch size (8 or 16); needed only for a bare backbone file")
+
+
 def released_url(name):
     file = RELEASED[name][2]
     return f"https://dl.fbaipublicfiles.com/dino/{file[:-len('.pth')]}/{file}"

@@ -163,9 +163,7 @@ def frozen_backbone(args, device):
 
 def get_args_parser():
     p = argparse.ArgumentParser("eval_knn.py", description="Weighted k-NN on frozen DINO features (Sec. 3.2).")
-    p.add_argument("checkpoint", nargs="?", help="our OUT/checkpoint.pth, an official training checkpoint or a "
-                   "released backbone file (not needed with --pretrained or --load_features)")
-    p.add_argument("--pretrained", default=None, metavar="NAME", help=checkpoint.PRETRAINED_HELP)
+    checkpoint.add_weights_args(p, also=" or --load_features")
     p.add_argument("--data", default=None, help=f"an embedded dataset ({', '.join(data_lib.VARIANTS)}) or a folder "
                    f"with train/ and val/ class folders; default: the data the checkpoint was trained on, else "
                    f"'{data_lib.DEFAULT_DATA}'")
@@ -173,11 +171,6 @@ def get_args_parser():
                    help="numbers of neighbours to try; 20 usually works best (default: %(default)s)")
     p.add_argument("--temperature", default=0.07, type=float,
                    help="temperature T of the vote weights exp(sim/T) (default: %(default)s)")
-    p.add_argument("--checkpoint_key", default="teacher", help="which network of a training checkpoint to "
-                   "evaluate: 'teacher' (as the paper) or 'student' (default: %(default)s)")
-    p.add_argument("--arch", default=None, help="vit_tiny, vit_small or vit_base; needed only for a bare backbone file")
-    p.add_argument("--patch", "--patch_size", dest="patch_size", default=None, type=int,
-                   help="patch size (8 or 16); needed only for a bare backbone file")
     p.add_argument("--image_size", default=None, type=int, help="centre-crop size (the image is first resized to "
                    "size*256/224); default: the checkpoint's global crop size, else 224")
     p.add_argument("--batch_size", "--batch_size_per_gpu", dest="batch_size", default=128, type=int,

@@ -155,9 +155,7 @@ def train_linear(linear, train_loader, val_loader, epochs, lr, device, embed=Non
 
 def get_args_parser():
     p = argparse.ArgumentParser("eval_linear.py", description="Linear probe on frozen DINO features (Sec. 3.2).")
-    p.add_argument("checkpoint", nargs="?", help="our OUT/checkpoint.pth, an official training checkpoint or a "
-                   "released backbone file (not needed with --pretrained)")
-    p.add_argument("--pretrained", default=None, metavar="NAME", help=checkpoint.PRETRAINED_HELP)
+    checkpoint.add_weights_args(p)
     p.add_argument("--data", default=None, help=f"an embedded dataset ({', '.join(data_lib.VARIANTS)}) or a folder "
                    f"with train/ and val/ class folders; default: the data the checkpoint was trained on, else "
                    f"'{data_lib.DEFAULT_DATA}'")
@@ -174,11 +172,6 @@ def get_args_parser():
     p.add_argument("--cache_features", default=None, type=int, choices=(0, 1), help="1: extract the features of the "
                    "un-augmented images once and train on them (fast); 0: official RandomResizedCrop+flip every "
                    "epoch; default: 1 on the embedded data, 0 on an image folder")
-    p.add_argument("--checkpoint_key", default="teacher",
-                   help="network of a training checkpoint: teacher or student (default: %(default)s)")
-    p.add_argument("--arch", default=None, help="vit_tiny, vit_small or vit_base; needed only for a bare backbone file")
-    p.add_argument("--patch", "--patch_size", dest="patch_size", default=None, type=int,
-                   help="patch size (8 or 16); needed only for a bare backbone file")
     p.add_argument("--image_size", default=None, type=int, help="crop size; default: the checkpoint's global crop "
                    "size, else 224")
     p.add_argument("--num_workers", default=2, type=int,

@@ -120,9 +120,7 @@ def revisited_relevance(gnd, n, protocol):
 def get_args_parser():
     p = argparse.ArgumentParser("eval_retrieval.py", description="Image retrieval and copy detection on frozen "
                                 "[CLS] features (Sec. 4.2.1): prints the mean average precision, `mAP: X`.")
-    p.add_argument("checkpoint", nargs="?", help="our OUT/checkpoint.pth, an official training checkpoint or a "
-                   "released backbone file (then give --arch and --patch); not needed with --pretrained")
-    p.add_argument("--pretrained", default=None, metavar="NAME", help=checkpoint.PRETRAINED_HELP)
+    checkpoint.add_weights_args(p)
     p.add_argument("--random_init", action="store_true", help="baseline: an untrained network of the same shape")
     p.add_argument("--mode", default="retrieval", choices=["retrieval", "copydetection"], help="retrieval: val "
                    "queries, train database, same class relevant; copydetection: augmented copies of the val images "
@@ -139,10 +137,6 @@ def get_args_parser():
     p.add_argument("--seed", default=0, type=int, help="seed of the copies' augmentations (default: %(default)s)")
     p.add_argument("--batch_size", default=128, type=int, help="images per forward pass (default: %(default)s)")
     p.add_argument("--num_workers", default=2, type=int, help="data loading processes (default: %(default)s)")
-    p.add_argument("--checkpoint_key", default="teacher", help="'teacher' (as the paper) or 'student'")
-    p.add_argument("--arch", default=None, help="vit_tiny, vit_small or vit_base; needed only for a bare backbone file")
-    p.add_argument("--patch", "--patch_size", dest="patch_size", default=None, type=int,
-                   help="patch size (8 or 16); needed only for a bare backbone file")
     return p
 
 

@@ -239,9 +239,7 @@ def evaluate(model, videos, size=None, n_last_frames=7, topk=5, size_mask_neighb
 def get_args_parser():
     p = argparse.ArgumentParser("eval_video_segmentation.py", description="Video object segmentation by label "
                                 "propagation on frozen patch features (Sec. 4.2.2, Table 5): prints J&F-Mean.")
-    p.add_argument("checkpoint", nargs="?", help="our OUT/checkpoint.pth, an official training checkpoint or a "
-                   "released backbone file (then give --arch and --patch); not needed with --pretrained")
-    p.add_argument("--pretrained", default=None, metavar="NAME", help=checkpoint.PRETRAINED_HELP)
+    checkpoint.add_weights_args(p)
     p.add_argument("--random_init", action="store_true", help="baseline: an untrained network of the same shape")
     p.add_argument("--data", default="synthetic", help="'synthetic' (the embedded videos) or a DAVIS-2017 folder "
                    "(default: %(default)s)")
@@ -254,10 +252,6 @@ def get_args_parser():
     p.add_argument("--topk", default=5, type=int, help="context patches each patch takes its label from "
                    "(default: %(default)s)")
     p.add_argument("--output_dir", default=None, help="write the masks as indexed PNGs into this folder")
-    p.add_argument("--checkpoint_key", default="teacher", help="'teacher' (as the paper) or 'student'")
-    p.add_argument("--arch", default=None, help="vit_tiny, vit_small or vit_base; needed only for a bare backbone file")
-    p.add_argument("--patch", "--patch_size", dest="patch_size", default=None, type=int,
-                   help="patch size (8 or 16); needed only for a bare backbone file")
     return p
 
 

@@ -224,9 +224,7 @@ def random_like(model, arch, seed=0):
 def get_args_parser():
     p = argparse.ArgumentParser("visualize_attention.py", description="[CLS] self-attention maps, their 60%-mass "
                                 "masks, and their Jaccard with ground-truth masks (Sec. 4.2.2, Fig. 3-4).")
-    p.add_argument("checkpoint", nargs="?", help="our OUT/checkpoint.pth, an official training checkpoint or a "
-                   "released backbone file (then give --arch and --patch); not needed with --pretrained")
-    p.add_argument("--pretrained", default=None, metavar="NAME", help=checkpoint.PRETRAINED_HELP)
+    checkpoint.add_weights_args(p)
     p.add_argument("--image", default=None, help="picture to visualise (any size, any format PIL reads), or a folder "
                    "of pictures (one sheet each)")
     p.add_argument("--output_dir", default=".", help="where the PNGs go (default: %(default)s)")
@@ -246,10 +244,6 @@ def get_args_parser():
     p.add_argument("--seed", default=0, type=int, help="seed of --random_init (default: %(default)s)")
     p.add_argument("--max_images", default=None, type=int, help="with --jaccard: evaluate this many evenly spaced "
                    "val images (default: all)")
-    p.add_argument("--checkpoint_key", default="teacher", help="'teacher' (as the paper) or 'student'")
-    p.add_argument("--arch", default=None, help="vit_tiny, vit_small or vit_base; needed only for a bare backbone file")
-    p.add_argument("--patch", "--patch_size", dest="patch_size", default=None, type=int,
-                   help="patch size (8 or 16); needed only for a bare backbone file")
     return p
 
 
