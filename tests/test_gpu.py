@@ -21,25 +21,13 @@ import eval_knn
 import train
 import vit
 from loss import DINOLoss
+from test_train import folder, tiny_args  # noqa: F401  (the CPU tests' tiny image folder and run)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.is_available() is "
                                  "False): run `python -m pytest -m gpu` on a machine with a GPU")]
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return data.make_folder_dataset(str(tmp_path_factory.mktemp("imgs")), n_train=32, n_val=20, size=32,
-                                    variant="shapes")
-
-
-def tiny_args(folder, out, *extra):
-    return ["--data", folder, "--arch", "vit_tiny", "--patch", "8", "--depth", "1", "--out_dim", "32",
-            "--global_size", "32", "--local_size", "16", "--local_crops_number", "2", "--batch_size", "8",
-            "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0", "--knn_every", "0",
-            "--output_dir", str(out), *extra]
 
 
 def relative_error(a, b):
