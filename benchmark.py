@@ -222,8 +222,9 @@ def matmul_only_seconds(run, device, reps=5):
 
 
 # ============ the two steps ============
-def make_step(targs, device, precision, official=False):
-    """Student, teacher, loss, optimizer and one training step on fixed random crops of targs' shapes.
+def make_step(targs, device, precision, official=False, epoch=None):
+    """Student, teacher, loss, optimizer and one training step on fixed random crops of targs' shapes, as in `epoch`
+    (default: the first past the frozen last layer; it sets the curriculum's crop sizes and the patch-drop ratio).
     Returns (step, count_flops, compile_backbones); step.student and step.teacher are the models."""
     torch.manual_seed(0)
     student = train.build_model(targs, targs.drop_path_rate).to(device)
@@ -231,7 +232,8 @@ def make_step(targs, device, precision, official=False):
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
-    B, epoch = targs.batch_size, targs.freeze_last_layer  # past the frozen epochs: every parameter is updated
+    B = targs.batch_size
+    epoch = targs.freeze_last_layer if epoch is None else epoch  # past the frozen epochs: every parameter is updated
     dino_loss = (OfficialDINOLoss if official else DINOLoss)(
         targs.out_dim, 2 + targs.local_crops_number, targs.warmup_teacher_temp, targs.teacher_temp,
         targs.warmup_teacher_temp_epochs, targs.epochs).to(device)
@@ -245,7 +247,8 @@ def make_step(targs, device, precision, official=False):
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
                               enabled=precision in ("bf16", "fp16"))
-    sizes = [targs.global_size] * 2 + [targs.local_size] * targs.local_crops_number
+    global_size, local_size = train.crop_sizes(targs, epoch)
+    sizes = [global_size] * 2 + [local_size] * targs.local_crops_number
     crops_u8 = [torch.randint(0, 256, (B, 3, s, s), dtype=torch.uint8) for s in sizes]  # what our loader yields
     crops_f32 = [augment.normalize(c) for c in crops_u8]  # what the official loader yields (normalised in workers)
     if device.type == "cuda":  # both loaders pin their batches on CUDA (pin_memory=True)
@@ -402,9 +405,9 @@ def get_args(argv=None):
     return a
 
 
-def time_steps(targs, a, device, precision, peaks, peak, profile=True):
+def time_steps(targs, a, device, precision, peaks, peak, profile=True, epoch=None, baseline=True):
     """Our step (and the official one unless --no_baseline) at targs' shapes: (results, table rows, GFLOP/step)."""
-    step, count_flops, compile_backbones = make_step(targs, device, precision)
+    step, count_flops, compile_backbones = make_step(targs, device, precision, epoch=epoch)
     gflop = count_flops() / 1e9  # eager, before any compilation
     matmul_s = matmul_only_seconds(step, device)
     if a.compile:
@@ -428,7 +431,7 @@ def time_steps(targs, a, device, precision, peaks, peak, profile=True):
     del step, count_flops, compile_backbones  # ours is freed before the official step's memory is measured
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    if not a.no_baseline:
+    if baseline and not a.no_baseline:
         bprec = "fp16" if device.type == "cuda" else "fp32"  # main_dino.py: torch.cuda.amp.autocast(use_fp16)
         official = make_step(targs, device, bprec, official=True)[0]
         btimes, bmem = with_peak_memory(lambda: time_calls(official, device, a.baseline_steps, 1), device)
@@ -456,6 +459,43 @@ def print_matmul_only(res):
           f"({mm / s:.0%}); with nothing else to do the step would reach MFU {res['matmul_only_mfu']:.2f}")
 
 
+def cpu_preset_steps(a, device, precision, peaks, peak):
+    """The cpu preset's step with its speed levers off (full-size crops, whole views: every step before them), then
+    as each epoch of `python train.py` runs it (the curriculum's crop sizes, that epoch's patch-drop ratio)."""
+    cpu = train.get_args(["--preset", "cpu"])
+    print(f"\nthe cpu preset's step: {cpu.arch}/{cpu.patch_size} depth {cpu.depth}, {cpu.batch_size} images x "
+          f"(2x{cpu.global_size} + {cpu.local_crops_number}x{cpu.local_size}), K {cpu.out_dim}, KoLeo "
+          f"{cpu.koleo_weight}; speed levers off (--curriculum_epochs 0 --patch_drop 0 0)")
+    off = train.get_args(["--preset", "cpu", "--curriculum_epochs", "0", "--patch_drop", "0", "0"])
+    ores, orows, ogflop = time_steps(off, a, device, precision, peaks, peak, profile=False)
+    print_rows(orows, ogflop, off.batch_size, peaks)
+    print_matmul_only(ores)
+    if "speedup" in ores:
+        print(f"our step is {ores['speedup']:.2f}x faster than the official one")
+    print(f"\nthe cpu preset as `python train.py` runs it, epoch by epoch:\n{'epoch':>5}{'crops':>12}{'drop':>6}"
+          f"{'step s':>8}{'img/s':>7}{'GFLOP/img':>10}{'MFU':>6}")
+    epochs = []
+    for e in range(cpu.epochs):
+        r = time_steps(cpu, a, device, precision, peaks, peak, profile=False, epoch=e, baseline=False)[0]
+        g, loc = train.crop_sizes(cpu, e)
+        print(f"{e:>5}{f'{g}/{loc} px':>12}{train.patch_drop_ratio(cpu, e):>6.2f}{r['step_s']:>8.3f}"
+              f"{r['img_per_s']:>7.1f}{r['gflop_per_step'] / cpu.batch_size:>10.2f}{r['mfu']:>6.2f}")
+        epochs.append(r)
+    step_s = statistics.mean(r["step_s"] for r in epochs)  # every epoch has the same number of steps
+    gflop = statistics.mean(r["gflop_per_step"] for r in epochs)
+    print(f"mean over the run: {step_s:.3f} s a step, {cpu.batch_size / step_s:.1f} img/s, "
+          f"{gflop / cpu.batch_size:.2f} GFLOP an image, MFU {gflop / step_s / peaks[precision]:.2f}; levers off: "
+          f"{ores['step_s']:.3f} s, {ogflop / off.batch_size:.2f} GFLOP an image ({ores['step_s'] / step_s:.2f}x "
+          f"the time, {ogflop / gflop:.2f}x the FLOPs)")
+    res = {f"cpu_preset_levers_off_{k}": v for k, v in ores.items() if k != "step_times"}
+    res.update(cpu_preset_step_s=step_s, cpu_preset_img_per_s=cpu.batch_size / step_s,
+               cpu_preset_gflop_per_image=gflop / cpu.batch_size,
+               cpu_preset_mfu=gflop / step_s / peaks[precision],
+               cpu_preset_levers_off_gflop_per_image=ogflop / off.batch_size,
+               cpu_preset_epoch_step_s=[round(r["step_s"], 4) for r in epochs])
+    return res
+
+
 def main(a):
     distributed.keep_freed_memory()  # as train.py (distributed.init): freed tensors are reused, not page-faulted in
     device = torch.device(a.device)
@@ -479,17 +519,7 @@ def main(a):
     if "speedup" in res:
         print(f"our step is {res['speedup']:.2f}x faster than the official one")
     if not a.no_cpu_preset:  # the second configuration: the step `python train.py` runs, what students time
-        cpu = train.get_args(["--preset", "cpu"])
-        print(f"\nthe cpu preset's step: {cpu.arch}/{cpu.patch_size} depth {cpu.depth}, {cpu.batch_size} images x "
-              f"(2x{cpu.global_size} + {cpu.local_crops_number}x{cpu.local_size}), K {cpu.out_dim}, KoLeo "
-              f"{cpu.koleo_weight}")
-        cres, crows, cgflop = time_steps(cpu, a, device, precision, peaks, peak, profile=False)
-        print_rows(crows, cgflop, cpu.batch_size, peaks)
-        print_matmul_only(cres)
-        res.update({f"cpu_preset_{k}": v for k, v in cres.items()})
-        if "speedup" in cres:
-            print(f"our step is {cres['speedup']:.2f}x faster than the official one")
-
+        res.update(cpu_preset_steps(a, device, precision, peaks, peak))
     if a.attention:
         attention_kernels(device, precision)
     if not a.no_aug:

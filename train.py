@@ -52,15 +52,17 @@ PRESETS = {
                   freeze_last_layer=1, lr=0.0005, warmup_epochs=10, min_lr=1e-6, drop_path_rate=0.1,
                   global_crops_scale=(0.4, 1.0), local_crops_number=10, local_crops_scale=(0.05, 0.4),
                   global_size=224, local_size=96, blur_radius=(0.1, 2.0), color_jitter=1.0, depth=12, knn_every=0,
-                  num_workers=10, stop_on_collapse=False),
+                  num_workers=10, stop_on_collapse=False, curriculum_epochs=0, curriculum_sizes=(224, 96),
+                  patch_drop=(0.0, 0.0)),
     "cpu": dict(arch="vit_tiny", patch_size=8, out_dim=256, norm_last_layer=True, use_bn_in_head=False,
                 momentum_teacher=0.95, centering="ema", koleo_weight=0.1, center_momentum=0.0,
                 warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=0,
-                weight_decay=0.04, weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=8,
+                weight_decay=0.04, weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=7,
                 freeze_last_layer=0, lr=0.002, warmup_epochs=1, min_lr=1e-5, drop_path_rate=0.0,
                 global_crops_scale=(0.4, 1.0), local_crops_number=4, local_crops_scale=(0.05, 0.4),
                 global_size=64, local_size=32, blur_radius=(0.1, 0.45), color_jitter=1.0, depth=4, knn_every=1,
-                num_workers=0, stop_on_collapse=True),
+                num_workers=0, stop_on_collapse=True, curriculum_epochs=5, curriculum_sizes=(48, 24),
+                patch_drop=(0.5, 0.5)),
 }
 HELP = {
     "arch": "ViT size (vit_tiny, vit_small, vit_base).",
@@ -103,13 +105,20 @@ HELP = {
     "stop_on_collapse": "Stop (exit code 3) when the teacher stayed collapsed for a whole epoch after the first; "
                         "off by default for the ablations --no_centering, --no_sharpening, --momentum_teacher 0.",
     "num_workers": "Data loading processes per training process (0 on 2 cores: workers would take the step's cores).",
+    "curriculum_epochs": "Speed lever, not the paper's: the first N epochs use the smaller crops of "
+                         "--curriculum_sizes, the rest --global_size/--local_size (a resolution curriculum, "
+                         "FastDINOv2; 0: off).",
+    "curriculum_sizes": "Global and local crop sides in pixels during the first --curriculum_epochs epochs.",
+    "patch_drop": "Speed lever, not the paper's: the fraction of patch tokens the student drops from its global "
+                  "views (the teacher sees them whole; Masked Siamese Networks), from the first epoch to the last, "
+                  "linearly (0 0: off).",
 }
 # changing these on resume would silently change the schedules or the model
 SCHEDULE_KEYS = ["arch", "patch_size", "depth", "out_dim", "use_bn_in_head", "epochs", "batch_size", "world_size",
                  "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher", "centering",
                  "koleo_weight", "center_momentum", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
                  "freeze_last_layer", "local_crops_number", "color_jitter", "data", "global_size", "local_size", "seed",
-                 "no_centering", "no_sharpening"]
+                 "no_centering", "no_sharpening", "curriculum_epochs", "curriculum_sizes", "patch_drop"]
 
 
 class UserError(Exception):
@@ -127,7 +136,7 @@ def get_args(argv=None):
         names = {"patch_size": ["--patch", "--patch_size"], "batch_size": ["--batch_size", "--batch_size_per_gpu"]}
         kw = dict(default=None, help=f"{HELP[k]} (cpu: {PRESETS['cpu'][k]}; paper: {v})")
         if isinstance(v, tuple):
-            kw.update(nargs=len(v), type=float)
+            kw.update(nargs=len(v), type=type(v[0]))
         elif isinstance(v, bool):
             kw.update(type=lambda s: s.lower() in ("1", "true", "yes"))
         else:
@@ -161,13 +170,15 @@ def get_args(argv=None):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    for k in ("global_crops_scale", "local_crops_scale", "blur_radius"):
+    for k in ("global_crops_scale", "local_crops_scale", "blur_radius", "curriculum_sizes", "patch_drop"):
         setattr(args, k, tuple(getattr(args, k)))
     if args.local_size > args.global_size:
         raise UserError(f"--local_size {args.local_size} is larger than --global_size {args.global_size}")
-    for size in (args.global_size, args.local_size):
+    for size in (args.global_size, args.local_size, *(args.curriculum_sizes if args.curriculum_epochs else ())):
         if size % args.patch_size:
             raise UserError(f"--patch {args.patch_size} does not divide the crop size {size}")
+    if not all(0 <= r < 1 for r in args.patch_drop):
+        raise UserError(f"--patch_drop {' '.join(map(str, args.patch_drop))}: each fraction must be in [0, 1)")
     if args.centering not in ("ema", "sinkhorn"):
         raise UserError(f"unknown --centering {args.centering} (ema or sinkhorn)")
     if args.arch not in vit.ARCHS:
@@ -229,13 +240,15 @@ class MultiCropWrapper(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, crops, return_features=False):
+    def forward(self, crops, return_features=False, drop_ratio=0.0):
         feats, start = [], 0
         while start < len(crops):
-            end = start
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            feats.append(self.backbone(torch.cat(crops[start:end])))  # (n_crops_of_this_size·B, D)
+            end = start + 1
+            while end < len(crops) and crops[end].shape == crops[start].shape and (end != 2 or not drop_ratio):
+                end += 1  # a run of crops of one size; the 2 global ones run alone when they drop patches
+            # drop_ratio: the student's 2 global views lose that fraction of their patch tokens (vit.drop_patches)
+            ratio = drop_ratio if start == 0 else 0.0
+            feats.append(self.backbone(torch.cat(crops[start:end]), drop_ratio=ratio))  # (n_crops_of_this_size·B, D)
             start = end
         feats = torch.cat(feats)  # (n_crops·B, D) backbone [CLS] features, crops stacked view by view
         return (self.head(feats), feats) if return_features else self.head(feats)  # head: (n_crops·B, K)
@@ -255,6 +268,19 @@ def cosine_schedule(base, final, epochs, niter_per_ep, warmup_epochs=0, start_wa
     iters = np.arange(epochs * niter_per_ep - len(warmup))
     cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))
     return np.concatenate((warmup, cosine))[: epochs * niter_per_ep]
+
+
+def crop_sizes(args, epoch):
+    """(global, local) crop sides of this epoch: smaller during the first --curriculum_epochs (a resolution
+    curriculum, FastDINOv2, Roth et al. 2025), the full sizes after; the position embeddings are interpolated."""
+    return tuple(args.curriculum_sizes) if epoch < args.curriculum_epochs else (args.global_size, args.local_size)
+
+
+def patch_drop_ratio(args, epoch):
+    """The fraction of patch tokens the student drops from its global views in this epoch: --patch_drop's first
+    value at epoch 0, its second at the last epoch, linear in between (Masked Siamese Networks, Assran et al. 2022)."""
+    first, last = args.patch_drop
+    return first + (last - first) * epoch / max(args.epochs - 1, 1)
 
 
 def param_groups(model):
@@ -304,7 +330,8 @@ def train_one_step(student, teacher, dino_loss, optimizer, scaler, autocast, cro
         # Alg. 1: t1, t2 = gt(x1), gt(x2); "only the global views are passed through the teacher"
         teacher_output = teacher(crops[:2])  # (2·B, K)
         # s = gs(x) for every view, the 2 global and the N local ones
-        student_output, student_features = student(crops, return_features=True)  # (ncrops·B, K), (ncrops·B, D)
+        student_output, student_features = student(crops, return_features=True,  # (ncrops·B, K), (ncrops·B, D)
+                                                   drop_ratio=patch_drop_ratio(args, epoch))
         # Eq. 3: min Σ_{x ∈ {x1, x2}} Σ_{x' ≠ x} H(P_t(x), P_s(x')), with P_t centred and sharpened (loss.py)
         loss = dino_loss(student_output, teacher_output, epoch)
         if args.koleo_weight:  # DINOv2: spread the [CLS] features of each global view over the batch
@@ -415,7 +442,8 @@ def main(args):
                "momentum": float(momentum_schedule[it - 1]), "teacher_temp": dino_loss.teacher_temp(epoch),
                "img_per_s": meter.img_per_s()}
         if args.knn_every and (epoch + 1) % args.knn_every == 0:
-            log["knn_top1"] = eval_knn.monitor_top1(teacher.backbone, *knn_sets, device=device)
+            with autocast:  # the features in the training precision, stored in fp32
+                log["knn_top1"] = eval_knn.monitor_top1(teacher.backbone, *knn_sets, device=device)
         history.append(log)
         # checkpoint.pth, then log.txt rewritten from its history; a collapsed teacher stops the run with advice
         save_epoch(training_state(parts, it, niter_per_ep, args, history, None), log, args, rank)
@@ -458,6 +486,7 @@ def epoch_loader(dataset, sampler, epoch, done, args, device):
     was trained). The views are drawn per (seed, epoch, image): a resumed epoch gets the same ones."""
     sampler.set_epoch(epoch)
     dataset.epoch = epoch
+    dataset.transform.global_size, dataset.transform.local_size = crop_sizes(args, epoch)
     indices = list(sampler)[done * args.batch_size:]
     return DataLoader(dataset, batch_size=args.batch_size, sampler=indices, num_workers=args.num_workers,
                       collate_fn=dataset.collate, drop_last=True, pin_memory=device.type == "cuda",
@@ -519,8 +548,9 @@ def resume(ckpt_path, parts, args, niter_per_ep, rank):
         write_log(args.output_dir, [], rank)  # also finds an output folder that cannot be written before training
         return 0, [], None
     ckpt = checkpoint.load(ckpt_path)
+    same = lambda a, b: tuple(a) == tuple(b) if isinstance(a, (list, tuple)) else a == b
     changed = [f"--{k} was {ckpt['args'][k]}, now {vars(args)[k]}" for k in SCHEDULE_KEYS if k in ckpt["args"]
-               and ckpt["args"][k] != vars(args)[k] and not isinstance(ckpt["args"][k], (list, tuple))]
+               and not same(ckpt["args"][k], vars(args)[k])]
     if changed:
         raise UserError(f"cannot resume {ckpt_path}: {'; '.join(changed)} (this would break the schedules); "
                         f"use another --output_dir or the same flags")

@@ -32,6 +32,17 @@ def drop_path(x, drop_prob, training):
     return x * mask / keep_prob
 
 
+def drop_patches(x, ratio):
+    """Keep the [CLS] token and a random (1 - ratio) of the patch tokens of each image, the same number in every
+    image (Masked Siamese Networks, Assran et al. 2022): the student sees less of its global views at less cost.
+    Tokens already carry their position embedding, and attention ignores their order. (B, 1+N, D) -> (B, 1+n, D)."""
+    B, N, D = x.shape[0], x.shape[1] - 1, x.shape[2]
+    n_keep = max(1, round(N * (1 - ratio)))
+    keep = torch.rand(B, N, device=x.device).argsort(dim=1)[:, :n_keep] + 1  # (B, n_keep) random patch indices
+    keep = torch.cat((keep.new_zeros(B, 1), keep), dim=1)  # (B, 1+n_keep): [CLS] first
+    return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, D))
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -153,8 +164,10 @@ class VisionTransformer(nn.Module):
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1+N, D)
         return x + self.interpolate_pos_encoding(x.shape[1] - 1, h, w)
 
-    def forward(self, x):
+    def forward(self, x, drop_ratio=0.0):
         x = self.prepare_tokens(x)
+        if drop_ratio:  # a speed lever of the cpu preset, not the paper's (docs/cpu_recipe.md)
+            x = drop_patches(x, drop_ratio)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)[:, 0]  # (B, D): the [CLS] token

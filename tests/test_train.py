@@ -201,6 +201,8 @@ def test_two_process_gloo_run_keeps_both_ranks_identical(folder, tmp_path):
     (["--local_size", "64", "--global_size", "32"], "larger than --global_size"),
     (["--patch", "16", "--global_size", "40"], "does not divide"),
     (["--arch", "vit_huge"], "unknown --arch"),
+    (["--patch_drop", "1", "0"], "must be in [0, 1)"),
+    (["--curriculum_epochs", "2", "--curriculum_sizes", "36", "24"], "does not divide"),
     (["--data", "/no/such/folder"], "not found"),
 ])
 def test_bad_flags_and_paths_give_one_line_and_exit_code_2(tmp_path, flags, message):
@@ -250,3 +252,50 @@ def test_loader_workers_give_the_batches_of_the_main_process(folder, tmp_path):
     for main, worker in zip(batches[0], batches[2]):
         assert [tuple(v.shape) for v in main] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 2
         assert all(torch.equal(a, b) for a, b in zip(main, worker))
+
+
+# ---- the cpu preset's speed levers: a resolution curriculum and student patch dropping (off in --preset paper) ----
+def test_the_paper_preset_leaves_the_speed_levers_off_and_the_cpu_preset_sets_them():
+    paper, cpu = train.get_args(["--preset", "paper"]), train.get_args(["--preset", "cpu"])
+    assert paper.curriculum_epochs == 0 and paper.patch_drop == (0.0, 0.0)
+    assert cpu.curriculum_epochs > 0 and cpu.patch_drop[0] > 0
+
+
+def test_the_curriculum_gives_the_small_crops_first_then_the_full_sizes(folder, tmp_path):
+    args = train.get_args(tiny_args(folder, tmp_path, "--epochs", "3", "--curriculum_epochs", "2",
+                                    "--curriculum_sizes", "16", "8"))
+    assert [train.crop_sizes(args, e) for e in range(3)] == [(16, 8), (16, 8), (32, 16)]
+    dataset, sampler, _ = train.multicrop_data(args, 0, 1)
+    for epoch, (g, loc) in [(1, (16, 8)), (2, (32, 16))]:
+        crops = next(iter(train.epoch_loader(dataset, sampler, epoch, 0, args, torch.device("cpu"))))
+        assert [tuple(v.shape) for v in crops] == [(8, 3, g, g)] * 2 + [(8, 3, loc, loc)] * 2
+
+
+def test_patch_drop_falls_linearly_from_its_first_to_its_last_value_over_the_epochs(folder, tmp_path):
+    args = train.get_args(tiny_args(folder, tmp_path, "--epochs", "5", "--patch_drop", "0.6", "0.2"))
+    assert [train.patch_drop_ratio(args, e) for e in range(5)] == pytest.approx([0.6, 0.5, 0.4, 0.3, 0.2])
+
+
+def test_only_the_students_global_views_drop_patches_the_teacher_sees_them_whole(folder, tmp_path, monkeypatch):
+    args = train.get_args(tiny_args(folder, tmp_path, "--patch_drop", "0.5", "0.5"))
+    student, teacher = train.build_model(args, 0.0), train.build_model(args, 0.0)
+    calls = []
+    for name, net in (("student", student), ("teacher", teacher)):
+        forward = net.backbone.forward
+        monkeypatch.setattr(net.backbone, "forward", lambda x, drop_ratio=0.0, name=name, forward=forward:
+                            calls.append((name, x.shape[0], x.shape[-1], drop_ratio)) or forward(x, drop_ratio))
+    dataset, sampler, _ = train.multicrop_data(args, 0, 1)
+    crops = next(iter(train.epoch_loader(dataset, sampler, 0, 0, args, torch.device("cpu"))))
+    optimizer = torch.optim.AdamW(train.param_groups(student))
+    loss = train.DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, args.epochs)
+    scaler, autocast = torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False)
+    train.train_one_step(student, teacher, loss, optimizer, scaler, autocast, crops, 0, 1e-3, 0.04, 0.99, args)
+    assert sorted(calls) == [("student", 16, 16, 0.0), ("student", 16, 32, 0.5), ("teacher", 16, 32, 0.0)]
+
+
+def test_a_run_stopped_mid_curriculum_resumes_to_the_same_teacher(folder, tmp_path):
+    levers = ["--epochs", "3", "--curriculum_epochs", "2", "--curriculum_sizes", "16", "8", "--patch_drop", "0.5", "0"]
+    train.main(train.get_args(tiny_args(folder, tmp_path / "straight", *levers)))
+    train.main(train.get_args(tiny_args(folder, tmp_path / "resumed", *levers, "--stop_after_epoch", "0")))
+    train.main(train.get_args(tiny_args(folder, tmp_path / "resumed", *levers)))
+    assert_same_weights(teacher_of(tmp_path / "straight"), teacher_of(tmp_path / "resumed"))

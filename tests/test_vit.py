@@ -100,6 +100,21 @@ def save_layouts(tmp_path, model):
     return released, official, ours
 
 
+def test_patch_dropping_keeps_cls_first_and_the_same_number_of_distinct_patches_in_every_image():
+    x = torch.randn(1, 1 + 64, 8).expand(5, -1, -1)  # (B, 1+N, D): 5 copies of one image's tokens
+    kept = vit.drop_patches(x, 0.75)
+    assert kept.shape == (5, 1 + 16, 8)
+    assert torch.equal(kept[:, 0], x[:, 0])  # [CLS] kept, first
+    chosen = []
+    for b in range(5):  # each kept token is one of the image's own patches, none twice
+        rows = {int(torch.nonzero((x[b, 1:] == t).all(-1))[0]) for t in kept[b, 1:]}
+        assert len(rows) == 16
+        chosen.append(rows)
+    assert len({frozenset(r) for r in chosen}) > 1  # each image draws its own subset
+    model = vit.vit_tiny(patch_size=8, depth=1, img_size=32)
+    assert model(torch.randn(2, 3, 32, 32), drop_ratio=0.5).shape == (2, 192)
+
+
 def test_load_pretrained_weights_reads_released_official_and_our_layouts(tmp_path):
     src = tiny().eval()
     x = torch.randn(2, 3, 32, 32)
