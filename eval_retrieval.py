@@ -17,7 +17,7 @@ rank r adds ((j / r) + (j + 1) / (r + 1)) / 2 / n_relevant (j / r read as 1 at r
 - `--mode copydetection`, a stand-in on the checkpoint's data: each val image is the original of one query, a
   strongly augmented copy of it (a DINO global view: crop 40-100%, flip, colour jitter, grey, blur, solarize); the
   database holds the originals and the train images as distractors, the original is the one relevant answer;
-  [CLS] only, no whitening, the whole ranking scored.
+  [CLS] only, no whitening, the whole ranking scored. On `scatter` it is near chance.
 - `--copydays ROOT [--distractors DIR] [--whitening DIR]`, the official eval_copy_detection.py protocol on a
   Copydays folder (ROOT/original, ROOT/strong, ROOT/jpegqual/<q>, ROOT/crops/<c>, *.jpg): images resized to 320 x 320
   (bicubic), features [CLS] + GeM-pooled patch tokens (p = 4) of the last block, centred and whitened (PCA, whitening
