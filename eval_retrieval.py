@@ -200,11 +200,11 @@ def revisited_relevance(gnd, n, protocol):
 
 def bool_flag(s):
     """`--multiscale`, or as the official command lines write it, `--multiscale 1` / `--multiscale 0`."""
-    if s.lower() in ("1", "true", "on", "yes"):
+    if str(s).lower() in ("1", "true", "on", "yes"):
         return True
-    if s.lower() in ("0", "false", "off", "no"):
+    if str(s).lower() in ("0", "false", "off", "no"):
         return False
-    raise argparse.ArgumentTypeError(f"expected 0 or 1, got {s}")
+    raise ValueError(f"--multiscale: expected 0 or 1, got {s}")
 
 
 def get_args_parser():
@@ -232,7 +232,7 @@ def get_args_parser():
                    "default: the checkpoint's global crop size, else 224. With --revisited the image is shrunk to "
                    "fit this square (official --imsize: 224 for Oxford, 512 for Paris); with --copydays it is "
                    "resized to it (default there: 320)")
-    p.add_argument("--multiscale", nargs="?", const=True, default=False, type=bool_flag, help="average the "
+    p.add_argument("--multiscale", nargs="?", const="1", default="0", metavar="0|1", help="average the "
                    "features of scales 1, 1/√2, 1/2 (official; its README uses it for rparis6k at --imsize 512); "
                    "not with --copydays")
     p.add_argument("--seed", default=0, type=int, help="seed of the copies' augmentations (default: %(default)s)")
@@ -273,6 +273,7 @@ def copy_detection(model, args, device, describe):
 
 
 def run(args):
+    args.multiscale = bool_flag(args.multiscale)
     if args.copydays and args.revisited:
         raise ValueError("give --revisited or --copydays, not both")
     if args.copydays and args.multiscale:

@@ -73,11 +73,15 @@ def test_cli_prints_the_map_for_retrieval_and_copy_detection(tmp_path, capsys, m
         assert re.search(r"^mAP: \d+\.\d\d$", out, re.M), out
         results[mode] = float(out.split("mAP: ")[1])
     assert "6 strong copies of the val images, 6 originals + 10 train distractors" in out
+    assert er.main([str(tmp_path / "checkpoint.pth"), "--multiscale", "--num_workers", "0"]) == 0
+    assert "multiscale" in capsys.readouterr().out
     assert 0 < results["retrieval"] <= 100 and 0 < results["copydetection"] <= 100
 
 
 @pytest.mark.parametrize("argv,message", [(["no_such_checkpoint.pth"], "not found"),
-                                          (["--pretrained", "dino_vits32"], "unknown released model")])
+                                          (["--pretrained", "dino_vits32"], "unknown released model"),
+                                          (["x.pth", "--copydays", "a", "--revisited", "b"], "not both"),
+                                          (["x.pth", "--multiscale", "2"], "expected 0 or 1")])
 def test_mistakes_are_one_line(argv, message, capsys):
     assert er.main(argv) == 2
     err = capsys.readouterr().err
