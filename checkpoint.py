@@ -192,6 +192,10 @@ RELEASED = {
     "dino_vits8": ("vit_small", 8, "dino_deitsmall8_pretrain.pth"),  # k-NN 78.3%, linear 79.7%
     "dino_vitb16": ("vit_base", 16, "dino_vitbase16_pretrain.pth"),  # k-NN 76.1%, linear 78.2%
     "dino_vitb8": ("vit_base", 8, "dino_vitbase8_pretrain.pth"),  # k-NN 77.4%, linear 80.1%
+    # no official hub names, but the default weights of two official scripts: visualize_attention.py's (the
+    # paper's figures, 300 epochs) and eval_image_retrieval.py's (trained on Google Landmarks v2, Table 3)
+    "dino_vits8_300ep": ("vit_small", 8, "dino_deitsmall8_300ep_pretrain.pth"),
+    "dino_vits16_gldv2": ("vit_small", 16, "dino_vitsmall16_googlelandmark_pretrain.pth"),
 }
 PRETRAINED_HELP = (f"released DINO weights instead of a checkpoint: {', '.join(RELEASED)} (architecture and patch "
                    "follow from the name); downloaded once into $TORCH_HOME/hub/checkpoints/ (default "

@@ -371,19 +371,25 @@ class ImageFolderDataset(Dataset):
     def image(self, i):
         return load_rgb(self.samples[i][0])
 
-    def mask(self, i):
-        """The mask at masks_root/<path of image i relative to root, any image extension>; nonzero = foreground."""
+    def mask_path(self, i):
+        """masks_root/<path of image i relative to root, any image extension>, or None if there is none."""
         if self.masks_root is None:
             return None
         stem = os.path.splitext(os.path.relpath(self.samples[i][0], self.root))[0]
         for ext in IMG_EXTENSIONS + tuple(e.upper() for e in IMG_EXTENSIONS):
             if os.path.exists(path := os.path.join(self.masks_root, stem + ext)):
-                with Image.open(path) as m:
-                    a = np.asarray(m.convert("RGB") if m.mode in ("P", "CMYK") else m)
-                if a.ndim == 3:  # RGB(A): any colour channel; LA: the L channel
-                    a = a[..., :3 if a.shape[-1] >= 3 else 1].max(-1)
-                return a > 0
+                return path
         return None
+
+    def mask(self, i):
+        """The mask at mask_path(i), bool (H, W); nonzero = foreground."""
+        if (path := self.mask_path(i)) is None:
+            return None
+        with Image.open(path) as m:
+            a = np.asarray(m.convert("RGB") if m.mode in ("P", "CMYK") else m)
+        if a.ndim == 3:  # RGB(A): any colour channel; LA: the L channel
+            a = a[..., :3 if a.shape[-1] >= 3 else 1].max(-1)
+        return a > 0
 
     def __getitem__(self, i):
         # A bad file must not kill a run hours in: warn, count it, and return the next readable image instead

@@ -21,8 +21,12 @@ Paper (DAVIS-2017 val, 480p, J&F-Mean): DINO ViT-S/16 61.8, ViT-B/16 62.3, ViT-S
 The embedded videos (data.synthetic_videos): 8 videos of 24 frames, 128 px, three shapes that move, turn and cross
 while the exposure drifts within the range of DINO's colour jitter (data.render_video).
 DAVIS-2017 layout: ROOT/ImageSets/2017/val.txt, ROOT/JPEGImages/480p/<video>/*.jpg and ROOT/Annotations/480p/<video>/
-*.png (indexed PNGs: 0 background, k object k); frames are resized as the official code does (short side
---image_size, the long side then rounded down to a multiple of 64), results scored at the annotations' size.
+*.png (indexed PNGs: 0 background, k object k, 255 void, read as background as davis2017-evaluation does); frames
+are resized as the official code does (short side --image_size, the long side then rounded down to a multiple of
+64, cv2's linear resize: `linear_resize`), results scored at the annotations' size. Every frame is normalised with
+the official script's mean and std (`VIDEO_STD`). Still different from it: frames are decoded by PIL, not cv2, and
+cv2 rounds its linear resize in fixed point (a grey level apart on some pixels: side by side on a DAVIS-layout
+folder, 99.999% of the mask pixels agree); void in a first frame is background here, one more object there.
 --output_dir writes the masks as indexed PNGs, OUTPUT_DIR/<video>/<frame>.png, as DAVIS's evaluation reads them.
 """
 import argparse
@@ -36,10 +40,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import augment
 import checkpoint
 import data as data_lib
 import eval_knn  # the model to evaluate: a checkpoint, --pretrained NAME or --random_init, as k-NN builds it
+
+
+# The official script normalises frames with std 0.228 for red, not ImageNet's 0.229 (its color_normalize); kept, so
+# that the same weights and frames give the same masks.
+VIDEO_MEAN, VIDEO_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------- label propagation
@@ -165,6 +173,21 @@ def frame_size(h, w, size):
     return size, int(size * w / h // 64 * 64)
 
 
+def linear_resize(frame, h, w):
+    """uint8 (H, W, 3) -> uint8 (3, h, w) as the official cv2.resize(frame, (w, h)) (INTER_LINEAR): each output pixel
+    mixes the 2 x 2 source pixels around its centre (half-pixel centres, edges clamped), with no antialiasing when
+    shrinking (unlike PIL's bilinear), rounded back to uint8."""
+    x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
+    return x[0].round().clamp(0, 255).to(torch.uint8)  # (3, h, w)
+
+
+def normalize_frame(x):
+    """uint8 (3, h, w) -> float (3, h, w), the official color_normalize of x / 255."""
+    mean = torch.tensor(VIDEO_MEAN, device=x.device).view(3, 1, 1)
+    return (x.float() / 255.0 - mean) / torch.tensor(VIDEO_STD, device=x.device).view(3, 1, 1)
+
+
 def davis_videos(root):
     """(name, frames (T, H, W, 3) uint8, annotations (T, H, W) uint8) for each video of ROOT/ImageSets/2017/val.txt."""
     listing = os.path.join(root, "ImageSets", "2017", "val.txt")
@@ -184,7 +207,9 @@ def davis_videos(root):
             if not os.path.isfile(path):
                 raise data_lib.DataError(f"annotation not found: {path}")
             with Image.open(path) as im:
-                annotations.append(np.asarray(im))  # palette indices: 0 background, k object k
+                a = np.array(im)  # palette indices: 0 background, k object k, 255 void
+            a[a == 255] = 0  # void read as background, as davis2017-evaluation does
+            annotations.append(a)
         yield name, frames, np.stack(annotations)
 
 
@@ -216,8 +241,7 @@ def evaluate(model, videos, size=None, n_last_frames=7, topk=5, size_mask_neighb
         h, w = frame_size(H, W, size) if size else (H, W)
         if h % P or w % P or min(h, w) < P:
             raise ValueError(f"frames of {w}x{h} px do not split into {P}-pixel patches: pick another --image_size")
-        x = torch.stack([augment.to_uint8_tensor(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames])
-        x = augment.normalize(x.to(device))  # (T, 3, h, w)
+        x = (normalize_frame(linear_resize(f, h, w).to(device)) for f in frames)  # (3, h, w) each, one at a time
         first = Image.fromarray(gts[0]).resize((w // P, h // P), Image.NEAREST)  # as the official read_seg
         first = torch.from_numpy(np.asarray(first).astype(np.int64)).to(device)  # (h/P, w/P)
         first_seg = F.one_hot(first, int(first.max()) + 1).permute(2, 0, 1).float()  # (C, h/P, w/P)

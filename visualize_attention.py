@@ -17,15 +17,18 @@ Pictures: img.png (the input as the model saw it), attn-head{i}.png (heat map of
 head in its own colour, as Fig. 3) and mask-head{i}.png (head i's 60%-mass mask over the image, as Fig. 4).
 With a folder as --image, each image in it gives one sheet, <name>.png: the image and the heads' maps in the first
 row, the overlay and the heads' masks in the second.
-The image's short side is resized to --image_size (default: the checkpoint's training crop size, 64 px for the CPU
-recipe; 480 for a released backbone file, the paper's figures), then cropped (top-left, as the official code) to a
-multiple of the patch size; the position embeddings are interpolated to any grid. Maps are upsampled to pixels by
-repeating each patch's value (nearest, as the official code).
+The image is resized as the official script does (torchvision's Resize, bilinear): --image_size H W squashes it to
+H x W, one value resizes its short side and keeps the aspect ratio; it is then cropped (top-left) to a multiple of
+the patch size. Default: 480 480 for released weights and official files (the official default, the paper's
+figures), the training crop size (one value, 64 px for the CPU recipe) for our checkpoints. The position embeddings
+are interpolated to any grid; maps are upsampled to pixels by repeating each patch's value (nearest, as the official).
 
-`--jaccard` prints one line `Jaccard X`, X in percent like the paper's table: per image, the Jaccard of the best
-head's mask with the foreground mask, averaged over images. That is the authors' protocol (facebookresearch/dino
-issue #54: for each ground-truth object mask, the head with the best Jaccard); our masks hold one foreground, so
-it is the max over heads. The Jaccard of the union of all heads' masks is reported on stderr for comparison.
+`--jaccard` prints one line `Jaccard X`, X in percent like the paper's table, with the authors' protocol
+(facebookresearch/dino issue #54): for each ground-truth object, the Jaccard of the head whose mask fits it best,
+averaged over the image's objects, then over images. An indexed (palette) mask PNG holds object ids, as PASCAL VOC's
+SegmentationObject: 0 background, 1..n the objects, 255 the void band along their edges, whose pixels count neither
+in the intersection nor in the union; any other mask is one foreground object (nonzero). The Jaccard of the union
+of all heads' masks with all objects is reported on stderr for comparison.
 """
 import argparse
 import colorsys
@@ -43,25 +46,26 @@ import checkpoint
 import data as data_lib
 import vit
 
-RELEASED_IMAGE_SIZE = 480  # the paper's figures: "480p images, 3601 tokens for ViT-S/8" (Sec. 4.2.2)
+RELEASED_IMAGE_SIZE = [480, 480]  # the official default: the paper's figures, "3601 tokens for ViT-S/8" (Sec. 4.2.2)
+VOID = 255  # PASCAL VOC's label of the band along object edges, left out of the Jaccard
 # viridis (the colour map of the official pictures) at 0, 1/4, 1/2, 3/4 and 1 of the range; linear in between
 VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float32)
 
 
 # ----------------------------------------------------------------------------- attention, masks, Jaccard
 
-def prepare(img, size, patch_size, mask=None):
-    """PIL image -> uint8 (3, h, w): short side resized to `size` (bicubic), cropped to a multiple of the patch.
-    A ground-truth mask (bool (H, W)) goes through the same resize (nearest) and crop: returns (image, mask)."""
-    img = TF.resize(img.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC)
+def prepare(img, size, patch_size, labels=None):
+    """PIL image -> uint8 (3, h, w) as the official script: resized to `size` ([H, W]: exactly; [S]: the short side,
+    the aspect ratio kept; bilinear), cropped (top-left) to a multiple of the patch. Ground-truth labels (uint8
+    (H, W)) go through the same resize (nearest) and crop: returns (image, labels)."""
+    img = TF.resize(img.convert("RGB"), list(size), interpolation=TF.InterpolationMode.BILINEAR)
     h, w = img.height - img.height % patch_size, img.width - img.width % patch_size
     if h == 0 or w == 0:
         raise ValueError(f"a {img.width}x{img.height} image is smaller than one {patch_size}-pixel patch")
     x = augment.to_uint8_tensor(img)[:, :h, :w]  # (3, h, w)
-    if mask is not None:
-        mask = Image.fromarray(np.asarray(mask, np.uint8) * 255).resize(img.size, Image.NEAREST)
-        mask = np.asarray(mask)[:h, :w] > 0  # (h, w)
-    return x, mask
+    if labels is not None:
+        labels = np.asarray(Image.fromarray(np.asarray(labels, np.uint8)).resize(img.size, Image.NEAREST))[:h, :w]
+    return x, labels
 
 
 @torch.no_grad()
@@ -97,25 +101,47 @@ def jaccard(pred, gt):
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
+def object_jaccard(masks, labels):
+    """The authors' Jaccard of one image: for each object of `labels` (int (h, w): 0 background, VOID void, other
+    values objects), the best head's Jaccard with it; the mean over the objects. masks: bool (heads, h, w)."""
+    masks = masks & (labels != VOID)  # void pixels count neither in the intersection nor in the union
+    objects = [o for o in labels.unique().tolist() if o not in (0, VOID)]
+    return float(np.mean([jaccard(masks, labels == o).max().item() for o in objects]))
+
+
+def object_labels(dataset, i):
+    """uint8 (H, W) labels of image i: an indexed (palette) PNG's object ids, or 1 on a mask's foreground; None
+    without a mask."""
+    path = dataset.mask_path(i) if hasattr(dataset, "mask_path") else None
+    if path is not None:
+        with Image.open(path) as m:
+            if m.mode == "P":
+                return np.array(m)
+    mask = dataset.mask(i)
+    return None if mask is None else mask.astype(np.uint8)
+
+
 @torch.no_grad()
 def evaluate_jaccard(model, dataset, size, threshold=0.6, max_images=None):
-    """Mean over images of the best head's Jaccard and of the union-of-heads Jaccard (percent).
-    Images without a mask, or with an empty one (no foreground), are skipped. Returns (best, union, n, skipped)."""
+    """Mean over images of the authors' Jaccard (object_jaccard) and of the union-of-heads Jaccard (percent).
+    Images without a mask, or without an object, are skipped. Returns (best, union, n, skipped)."""
     device, P = next(model.parameters()).device, model.patch_size
     indices = range(len(dataset))
     if max_images and max_images < len(dataset):  # every class keeps its share
         indices = data_lib.class_balanced_indices(dataset.targets, max_images)
     best, union, skipped = [], [], 0
     for i in tqdm(indices, desc="jaccard", leave=False, file=sys.stderr):
-        gt = dataset.mask(i)
-        if gt is None or not gt.any():
+        labels = object_labels(dataset, i)
+        if labels is not None:
+            x, labels = prepare(dataset.image(i), size, P, labels)
+            labels = torch.from_numpy(labels.astype(np.int64)).to(device)  # (h, w)
+        if labels is None or not ((labels > 0) & (labels != VOID)).any():
             skipped += 1
             continue
-        x, gt = prepare(dataset.image(i), size, P, gt)
         masks = to_pixels(mass_mask(cls_attention(model, x[None].to(device))[0], threshold), P)  # (heads, h, w)
-        gt = torch.from_numpy(gt).to(device)  # (h, w)
-        best.append(jaccard(masks, gt).max().item())  # the best head (issue #54)
-        union.append(jaccard(masks.any(0), gt).item())  # all heads together
+        best.append(object_jaccard(masks, labels))  # per object, the best head (issue #54)
+        valid = labels != VOID
+        union.append(jaccard(masks.any(0) & valid, (labels > 0) & valid).item())  # all heads, all objects
     if not best:
         raise data_lib.DataError(f"none of the {len(indices)} images has a ground-truth foreground mask "
                                  "(masks mirror the image paths: MASKROOT/<class>/<name>.png)")
@@ -157,12 +183,19 @@ def mask_picture(image, mask, colour, alpha=0.5):
 
 
 @torch.no_grad()
+def attention_and_masks(model, img, size, threshold=0.6):
+    """PIL image -> the image as the model sees it, uint8 (3, h, w); each head's [CLS] attention (heads, h, w) and
+    its `threshold`-mass mask, bool (heads, h, w), upsampled to pixels."""
+    x, _ = prepare(img, size, model.patch_size)  # (3, h, w) uint8
+    attn = cls_attention(model, x[None].to(next(model.parameters()).device))[0]  # (heads, h/P, w/P)
+    masks = to_pixels(mass_mask(attn, threshold), model.patch_size)  # (heads, h, w)
+    return x, to_pixels(attn, model.patch_size), masks
+
+
 def pictures_of(model, image_path, size, threshold=0.6):
     """{file name: (h, w, 3) uint8} for img.png, attn-overlay.png, attn-head{i}.png and mask-head{i}.png."""
-    x, _ = prepare(data_lib.load_rgb(image_path), size, model.patch_size)  # (3, h, w) uint8
-    attn = cls_attention(model, x[None].to(next(model.parameters()).device))[0]  # (heads, h/P, w/P)
-    masks = to_pixels(mass_mask(attn, threshold), model.patch_size).cpu().numpy()  # (heads, h, w) bool
-    attn = to_pixels(attn, model.patch_size).float().cpu().numpy()  # (heads, h, w)
+    x, attn, masks = attention_and_masks(model, data_lib.load_rgb(image_path), size, threshold)
+    masks, attn = masks.cpu().numpy(), attn.float().cpu().numpy()  # (heads, h, w)
     image = x.permute(1, 2, 0).numpy()  # (h, w, 3)
     pictures = {"img.png": image, "attn-overlay.png": overlay(image, attn)}
     for i, colour in enumerate(head_colours(len(attn))):
@@ -228,8 +261,9 @@ def get_args_parser():
     p.add_argument("--image", default=None, help="picture to visualise (any size, any format PIL reads), or a folder "
                    "of pictures (one sheet each)")
     p.add_argument("--output_dir", default=".", help="where the PNGs go (default: %(default)s)")
-    p.add_argument("--image_size", default=None, type=int, help="short side in pixels before the crop to a multiple "
-                   f"of the patch; default: the checkpoint's global crop size, else {RELEASED_IMAGE_SIZE} (paper)")
+    p.add_argument("--image_size", default=None, type=int, nargs="+", metavar="SIZE", help="H W: resize the image to "
+                   "H x W (as the official); one value: its short side, keeping the aspect ratio; default: 480 480 "
+                   "for released weights (the official default), the training crop size for our checkpoints")
     p.add_argument("--threshold", default=0.6, type=float, help="fraction of each map's attention mass the masks "
                    "keep; the paper uses 0.6 (default: %(default)s)")
     p.add_argument("--jaccard", action="store_true", help="score the masks against ground-truth foreground masks "
@@ -258,7 +292,9 @@ def run(args):
     if args.random_init:
         model = random_like(model, saved["arch"], args.seed)
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    size = int(args.image_size or saved.get("global_size") or RELEASED_IMAGE_SIZE)
+    if args.image_size and (len(args.image_size) > 2 or min(args.image_size) < 1):
+        raise ValueError(f"--image_size takes one or two positive sizes, got {' '.join(map(str, args.image_size))}")
+    size = args.image_size or ([int(saved["global_size"])] if saved.get("global_size") else RELEASED_IMAGE_SIZE)
     if args.image:
         names = visualize(model, args.image, args.output_dir, size, args.threshold)
         print(f"wrote {len(names)} pictures ({', '.join(names[:4])}, ...) to {args.output_dir}")
@@ -271,9 +307,9 @@ def run(args):
                                      "--masks MASKROOT)")
         best, union, n, skipped = evaluate_jaccard(model, dataset, size, args.threshold, args.max_images)
         print(f"{saved['arch']}/{model.patch_size}, {len(model.blocks)} blocks"
-              f"{' (random init)' if args.random_init else ''} on '{data}': {n} val images at {size}px "
-              f"({skipped} without foreground mask skipped), {args.threshold:.0%} of the mass; "
-              f"Jaccard best head {best:.2f}, union of heads {union:.2f}", file=sys.stderr)
+              f"{' (random init)' if args.random_init else ''} on '{data}': {n} val images at "
+              f"{'x'.join(map(str, size))}px ({skipped} without an object skipped), {args.threshold:.0%} of the "
+              f"mass; Jaccard best head per object {best:.2f}, union of heads {union:.2f}", file=sys.stderr)
         print(f"Jaccard {best:.2f}")
 
 

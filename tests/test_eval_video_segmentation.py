@@ -78,6 +78,53 @@ def official_video(features, first_seg, P, n_last_frames, topk, size):
     return out
 
 
+def official_cv2_linear_resize(img, w, h):
+    """cv2.resize(img, (w, h)), INTER_LINEAR, written out (in float; cv2's fixed-point weights may differ by one grey
+    level): the source of output pixel d is (d + 0.5) * in / out - 0.5, clamped to the image, 2 taps, no antialias."""
+    def taps(n_in, n_out):
+        f = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+        i = np.floor(f).astype(int)
+        f = np.where(i < 0, 0.0, f - i)
+        i = np.maximum(i, 0)
+        return np.minimum(i, n_in - 1), np.minimum(i + 1, n_in - 1), f
+    y0, y1, fy = taps(img.shape[0], h)
+    x0, x1, fx = taps(img.shape[1], w)
+    img = img.astype(np.float64)
+    rows = img[y0] * (1 - fy)[:, None, None] + img[y1] * fy[:, None, None]
+    out = rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def official_read_frame(img, scale_size=480):
+    """read_frame on an RGB frame (cv2.imread gives BGR, which it reverses after the resize)."""
+    ori_h, ori_w = img.shape[:2]
+    if ori_h > ori_w:
+        tw = scale_size
+        th = int((tw * ori_h / ori_w) // 64 * 64)
+    else:
+        th = scale_size
+        tw = int((th * ori_w / ori_h) // 64 * 64)
+    img = official_cv2_linear_resize(img[:, :, ::-1], tw, th).astype(np.float32) / 255.0
+    img = torch.from_numpy(np.transpose(img[:, :, ::-1].copy(), (2, 0, 1))).float()
+    for t, m, s in zip(img, [0.485, 0.456, 0.406], [0.228, 0.224, 0.225]):  # color_normalize
+        t.sub_(m)
+        t.div_(s)
+    return img
+
+
+def official_read_seg(seg, factor, scale_size=480):
+    """read_seg on an indexed annotation (PIL image): the one-hot (1, C, th/P, tw/P) of the nearest resize."""
+    _w, _h = seg.size
+    if _w > _h:
+        _th = scale_size
+        _tw = int((_th * _w / _h) // 64 * 64)
+    else:
+        _tw = scale_size
+        _th = int((_tw * _h / _w) // 64 * 64)
+    small = torch.from_numpy(np.array(seg.resize((_tw // factor, _th // factor), 0)).astype(np.int64))
+    return F.one_hot(small, int(small.max()) + 1).permute(2, 0, 1)[None].float()
+
+
 class PatchPixels(torch.nn.Module):
     """A stand-in backbone whose patch tokens are the pixels of each P x P patch: features known to the test."""
     patch_size = 2
@@ -122,6 +169,60 @@ def test_stretch_rescales_each_positive_map_like_the_official_norm_mask():
     stretched = evs.stretch(maps.clone())
     assert stretched[:3].tolist() == [[[0.0, 1.0]], [[0.0, 0.0]], [[-1.0, -2.0]]]  # maps with max <= 0 unchanged
     assert stretched[3].tolist() == [[0.0, 0.0]]  # constant: the official divides 0 by 0
+
+
+def test_frames_are_resized_and_normalised_as_the_official_read_frame():
+    rng = np.random.default_rng(0)
+    for (H, W), size in [((40, 100), 64), ((100, 70), 64), ((90, 200), 32)]:  # up and down, wide and tall
+        frame = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+        h, w = evs.frame_size(H, W, size)
+        ours = evs.normalize_frame(evs.linear_resize(frame, h, w))
+        official = official_read_frame(frame, size)
+        assert ours.shape == official.shape == (3, h, w)
+        torch.testing.assert_close(ours, official, rtol=0, atol=1e-5)
+
+
+def test_a_davis_folder_gives_the_masks_of_the_official_script(tmp_path):
+    """Frames, first-frame annotation and propagation as the official script, end to end on a tiny ViT."""
+    root = tmp_path / "davis"
+    os.makedirs(root / "ImageSets" / "2017")
+    (root / "ImageSets" / "2017" / "val.txt").write_text("v\n")
+    frames, masks = data.render_video(1, n_frames=5, size=48)
+    for d in ("JPEGImages", "Annotations"):
+        os.makedirs(root / d / "480p" / "v")
+    for t in range(5):
+        Image.fromarray(frames[t]).resize((90, 50), Image.BICUBIC).save(root / "JPEGImages" / "480p" / "v" /
+                                                                        f"{t:05d}.jpg", quality=95)
+        Image.fromarray(masks[t]).resize((90, 50), Image.NEAREST).save(root / "Annotations" / "480p" / "v" /
+                                                                       f"{t:05d}.png")
+    torch.manual_seed(0)
+    model = vit.vit_tiny(patch_size=8, depth=1, img_size=32).eval()
+    evs.evaluate(model, evs.davis_videos(str(root)), 64, n_last_frames=2, topk=3, size_mask_neighborhood=2,
+                 output_dir=str(tmp_path / "out"))
+    files = sorted(os.listdir(root / "JPEGImages" / "480p" / "v"))
+    with torch.no_grad():
+        feats = torch.stack([model.get_intermediate_layers(official_read_frame(np.asarray(Image.open(
+            root / "JPEGImages" / "480p" / "v" / f).convert("RGB")), 64)[None])[0][0, 1:] for f in files])
+    first_seg = official_read_seg(Image.open(root / "Annotations" / "480p" / "v" / "00000.png"), 8, 64)
+    official = official_video(feats, first_seg, 8, n_last_frames=2, topk=3, size=2)
+    for t, seg in enumerate(official, start=1):
+        seg = np.array(Image.fromarray(seg.numpy().astype(np.uint8)).resize((90, 50), 0))
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "v" / f"{t:05d}.png")), seg)
+
+
+def test_void_in_davis_annotations_is_read_as_background(tmp_path):
+    root = tmp_path / "davis"
+    os.makedirs(root / "ImageSets" / "2017")
+    (root / "ImageSets" / "2017" / "val.txt").write_text("v\n")
+    for d in ("JPEGImages", "Annotations"):
+        os.makedirs(root / d / "480p" / "v")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:8, 4:8], mask[3, 3:9] = 1, 255  # an object with a void band along its edge
+    for t in range(3):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "JPEGImages" / "480p" / "v" / f"{t:05d}.jpg")
+        Image.fromarray(mask).save(root / "Annotations" / "480p" / "v" / f"{t:05d}.png")
+    (_, _, annotations), = evs.davis_videos(str(root))
+    assert set(np.unique(annotations)) == {0, 1} and annotations[0, 3, 3:9].tolist() == [0] * 6
 
 
 # --- J and F -----------------------------------------------------------------------------------------------------

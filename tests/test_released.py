@@ -52,13 +52,28 @@ def test_names_urls_and_cache_paths_are_the_official_ones(hub):
     assert checkpoint.released_path("dino_vitb8") == str(hub / "dino_vitbase8_pretrain.pth")
     assert {n: a[:2] for n, a in checkpoint.RELEASED.items()} == {
         "dino_vits16": ("vit_small", 16), "dino_vits8": ("vit_small", 8),
-        "dino_vitb16": ("vit_base", 16), "dino_vitb8": ("vit_base", 8)}
+        "dino_vitb16": ("vit_base", 16), "dino_vitb8": ("vit_base", 8),
+        "dino_vits8_300ep": ("vit_small", 8), "dino_vits16_gldv2": ("vit_small", 16)}
+    assert checkpoint.released_url("dino_vits16_gldv2") == "https://dl.fbaipublicfiles.com/dino/" \
+        "dino_vitsmall16_googlelandmark_pretrain/dino_vitsmall16_googlelandmark_pretrain.pth"
+    assert checkpoint.released_path("dino_vits8_300ep") == str(hub / "dino_deitsmall8_300ep_pretrain.pth")
 
 
 def test_a_file_in_the_cache_is_used_without_network(hub):
     os.makedirs(hub)
     torch.save({"w": torch.arange(3.0)}, hub / "dino_deitsmall8_pretrain.pth")
     assert torch.equal(checkpoint.load_released("dino_vits8")["w"], torch.arange(3.0))
+
+
+def test_the_official_scripts_default_weights_are_named_and_read_from_the_cache(hub, monkeypatch):
+    monkeypatch.setitem(vit.ARCHS, "vit_small", small_vit_small)
+    os.makedirs(hub)
+    for name, file in (("dino_vits8_300ep", "dino_deitsmall8_300ep_pretrain.pth"),
+                       ("dino_vits16_gldv2", "dino_vitsmall16_googlelandmark_pretrain.pth")):
+        torch.manual_seed(len(name))
+        source = small_vit_small(patch_size=checkpoint.RELEASED[name][1])
+        torch.save(source.state_dict(), hub / file)
+        assert torch.equal(vit.released(name).pos_embed, source.pos_embed)
 
 
 def test_an_unknown_name_is_one_error_naming_the_choices(hub):
@@ -105,6 +120,14 @@ def test_torch_hub_load_of_a_local_checkout_gives_our_model_with_the_released_we
         torch.testing.assert_close(model.eval()(x), released_vits16(x), rtol=0, atol=0)
     untrained = torch.hub.load(ROOT, "dino_vits16", source="local", pretrained=False)
     assert not torch.equal(untrained.cls_token, model.cls_token)
+
+
+def test_hub_entry_points_take_the_official_keyword_arguments(released_vits16):
+    model = torch.hub.load(ROOT, "dino_vits16", source="local", pretrained=True, num_classes=0, img_size=[224],
+                           qkv_bias=True, drop_path_rate=0.1)
+    assert torch.equal(model.cls_token, released_vits16.cls_token) and model.blocks[1].drop_path == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="num_classes=0 is the only value"):
+        torch.hub.load(ROOT, "dino_vits16", source="local", num_classes=1000)
 
 
 def test_pretrained_on_the_command_line_reads_the_cache(released_vits16, tmp_path, capsys):

@@ -6,12 +6,52 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as T
 from PIL import Image
 
 import augment
 import data
 import visualize_attention as va
 import vit
+
+
+# --- the official code, transcribed (facebookresearch/dino visualize_attention.py; issue #54 for the Jaccard) ------
+
+def official_masks(model, img, image_size, patch_size, threshold=0.6):
+    """The image handling and the thresholded maps of the official script: th_attn (heads, h, w)."""
+    transform = T.Compose([T.Resize(image_size), T.ToTensor(),
+                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    img = transform(img)
+    w, h = img.shape[1] - img.shape[1] % patch_size, img.shape[2] - img.shape[2] % patch_size
+    img = img[:, :w, :h].unsqueeze(0)
+    w_featmap, h_featmap = img.shape[-2] // patch_size, img.shape[-1] // patch_size
+    attentions = model.get_last_selfattention(img)
+    nh = attentions.shape[1]
+    attentions = attentions[0, :, 0, 1:].reshape(nh, -1)
+    val, idx = torch.sort(attentions)
+    val /= torch.sum(val, dim=1, keepdim=True)
+    cumval = torch.cumsum(val, dim=1)
+    th_attn = cumval > (1 - threshold)
+    idx2 = torch.argsort(idx)
+    for head in range(nh):
+        th_attn[head] = th_attn[head][idx2[head]]
+    th_attn = th_attn.reshape(nh, w_featmap, h_featmap).float()
+    return F.interpolate(th_attn.unsqueeze(0), scale_factor=patch_size, mode="nearest")[0]
+
+
+def authors_jaccard(th_attn, mask, objects):
+    """The authors' per-image Jaccard (issue #54), void (255) pixels taken out of the heads' masks first."""
+    th_attn = th_attn * (mask != 255)
+    jac = 0
+    for o in objects:
+        masko = mask == o
+        intersection = masko * th_attn
+        intersection = torch.sum(torch.sum(intersection, dim=-1), dim=-1)
+        union = (masko + th_attn) > 0
+        union = torch.sum(torch.sum(union, dim=-1), dim=-1)
+        jaco = intersection / union
+        jac += max(jaco)
+    return jac / len(objects)
 
 
 def tiny_vit(seed=0):
@@ -115,6 +155,41 @@ def test_random_init_model_has_the_checkpoint_shape_but_new_weights():
     assert torch.equal(fresh.blocks[0].attn.qkv.weight, again.blocks[0].attn.qkv.weight)  # seeded
 
 
+def test_jaccard_per_object_with_void_ignored_is_the_authors_protocol():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(3, 12, 16, generator=g) < 0.4  # 3 heads
+    labels = torch.zeros(12, 16, dtype=torch.long)
+    labels[2:6, 3:9], labels[7:11, 8:14] = 1, 2  # two objects ...
+    labels[1, 2:10], labels[6, 7:15] = 255, 255  # ... each with a void band
+    ours = va.object_jaccard(masks, labels)
+    assert ours == pytest.approx(authors_jaccard(masks.float(), labels, [1, 2]).item())
+    assert ours != pytest.approx(authors_jaccard(masks.float(), torch.where(labels == 255, 0, labels), [1, 2]).item())
+
+
+# --- the official image handling ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [[48, 40], [40]])
+def test_masks_match_the_official_script(size):
+    model = tiny_vit(1).eval()
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (37, 70, 3), dtype=np.uint8))
+    x, attn, masks = va.attention_and_masks(model, img, size)
+    with torch.no_grad():
+        official = official_masks(model, img, size, 8)
+    assert masks.shape[1:] == official.shape[1:] == ((48, 40) if size == [48, 40] else (40, 72))  # squashed, or not
+    assert torch.equal(masks, official.bool())
+
+
+def test_released_weights_are_shown_at_the_official_480_by_480(tmp_path):
+    torch.manual_seed(0)
+    torch.save(vit.vit_tiny(patch_size=16).state_dict(), tmp_path / "backbone.pth")  # a bare released file
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(image)
+    assert va.main([str(tmp_path / "backbone.pth"), "--arch", "vit_tiny", "--patch", "16", "--image", str(image),
+                    "--output_dir", str(tmp_path / "attn")]) == 0
+    with Image.open(tmp_path / "attn" / "mask-head0.png") as im:
+        assert im.size == (480, 480)
+
+
 # --- command line --------------------------------------------------------------------------------------------
 
 def test_cli_writes_the_pictures_for_a_tiny_checkpoint(checkpoint, tmp_path, capsys):
@@ -145,18 +220,39 @@ def test_cli_jaccard_on_a_folder_prints_one_jaccard_line(checkpoint, folder, cap
     assert "4 val images" in captured.err
 
 
+def test_cli_jaccard_reads_object_ids_from_indexed_masks(checkpoint, tmp_path, capsys):
+    """PASCAL VOC's SegmentationObject layout: palette PNGs, 0 background, 1..n objects, 255 void."""
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / "voc" / "val" / "c", exist_ok=True)
+        os.makedirs(tmp_path / "masks" / "c", exist_ok=True)
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(
+            tmp_path / "voc" / "val" / "c" / f"{name}.jpg")
+        ids = np.zeros((32, 40), np.uint8)
+        ids[4:14, 4:20], ids[18:30, 20:36], ids[3, 4:20] = 1, 2, 255
+        indexed = Image.fromarray(ids, "P")
+        indexed.putpalette(np.repeat(np.arange(256, dtype=np.uint8), 3).tolist())  # a full palette, as VOC's
+        indexed.save(tmp_path / "masks" / "c" / f"{name}.png")
+    assert va.main([checkpoint, "--jaccard", "--data", str(tmp_path / "voc"), "--masks", str(tmp_path / "masks")]) == 0
+    model = tiny_vit()
+    x, _, masks = va.attention_and_masks(model, Image.open(tmp_path / "voc" / "val" / "c" / "a.jpg"), [32])
+    ids = torch.from_numpy(np.array(Image.open(tmp_path / "masks" / "c" / "a.png"))[:, :40].astype(np.int64))
+    expected = 100 * authors_jaccard(masks.float(), ids, [1, 2]).item()  # both images are the same
+    assert capsys.readouterr().out == f"Jaccard {expected:.2f}\n"
+
+
 def test_jaccard_on_the_embedded_data_needs_no_masks(checkpoint, capsys):
     assert va.main([checkpoint, "--jaccard", "--data", "shapes", "--max_images", "3", "--image_size", "64"]) == 0
     assert re.fullmatch(r"Jaccard \d+\.\d\d\n", capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("case", ["missing image", "missing checkpoint", "folder without masks", "bad threshold"])
+@pytest.mark.parametrize("case", ["missing image", "missing checkpoint", "folder without masks", "bad threshold", "three sizes"])
 def test_errors_are_one_line_and_exit_2(case, checkpoint, folder, tmp_path, capsys):
     argv = {"missing image": [checkpoint, "--image", str(tmp_path / "nope.jpg")],
             "missing checkpoint": [str(tmp_path / "nope.pth"), "--image", str(tmp_path / "nope.jpg")],
             "folder without masks": [checkpoint, "--jaccard", "--data", os.path.join(folder, "train"),
                                      "--masks", str(tmp_path / "nomasks")],
-            "bad threshold": [checkpoint, "--image", "x.png", "--threshold", "60"]}[case]
+            "bad threshold": [checkpoint, "--image", "x.png", "--threshold", "60"],
+            "three sizes": [checkpoint, "--image", "x.png", "--image_size", "4", "4", "4"]}[case]
     assert va.main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
