@@ -1,9 +1,9 @@
 """Image retrieval and copy detection with frozen [CLS] features (paper Sec. 4.2.1, Tables 3 and 4).
 
-Each image is described by its L2-normalised [CLS] feature (the teacher's, extracted as for k-NN); a query ranks the
-database by cosine similarity, and mean average precision scores the rankings. AP is the trapezoid rule of the
-Oxford / Holidays evaluation code that the official scripts use: the j-th relevant image (j = 0, 1, ...) found at
-rank r adds ((j / r) + (j + 1) / (r + 1)) / 2 / n_relevant (j / r read as 1 at r = 0).
+Each image is described by its L2-normalised [CLS] feature (the teacher's, extracted as for k-NN; a ResNet's pooled
+feature); a query ranks the database by cosine similarity, and mean average precision scores the rankings. AP is the
+trapezoid rule of the Oxford / Holidays evaluation code that the official scripts use: the j-th relevant image
+(j = 0, 1, ...) found at rank r adds ((j / r) + (j + 1) / (r + 1)) / 2 / n_relevant (j / r read as 1 at r = 0).
 
 - default, retrieval: the val images of the checkpoint's data are the queries, its train images the database, and
   an image is relevant when it has the query's class. Paper (revisited Oxford / Paris, ViT-S/16, ImageNet
@@ -34,6 +34,7 @@ from torch.utils.data import ConcatDataset, Dataset
 import augment
 import checkpoint
 import data as data_lib
+import vit
 from eval_knn import extract_features, frozen_backbone  # the features and the model, as k-NN takes them
 
 
@@ -152,7 +153,7 @@ def run(args):
     if args.revisited:
         queries = Revisited(args.revisited, args.dataset, "query", size)
         database = Revisited(args.revisited, args.dataset, "database", size)
-        print(f"{saved['arch']}/{saved['patch_size']} ({what}) on {args.dataset}: {len(queries)} queries, "
+        print(f"{vit.describe(saved)} ({what}) on {args.dataset}: {len(queries)} queries, "
               f"{len(database)} images, long side {size}px")
         similarity = features(queries, 1) @ features(database, 1).T  # (Q, N); batches of 1: sizes differ
         for protocol in ("medium", "hard"):
@@ -165,14 +166,14 @@ def run(args):
     val = data_lib.build_dataset(data, "val", transform)
     if args.mode == "retrieval":
         queries, database = val, train
-        print(f"{saved['arch']}/{saved['patch_size']} ({what}) on '{data}': {len(queries)} val queries, "
+        print(f"{vit.describe(saved)} ({what}) on '{data}': {len(queries)} val queries, "
               f"{len(database)} train images, same class relevant, {size}px")
         q, d = features(queries), features(database)
         relevant = class_relevance(torch.tensor(queries.targets), torch.tensor(database.targets))
     else:
         queries = StrongCopies(data_lib.build_dataset(data, "val"), size, args.seed)  # copy i of val image i
         database = ConcatDataset([val, train])  # the originals first, then the distractors
-        print(f"{saved['arch']}/{saved['patch_size']} ({what}) on '{data}': {len(queries)} strong copies of the val "
+        print(f"{vit.describe(saved)} ({what}) on '{data}': {len(queries)} strong copies of the val "
               f"images, {len(val)} originals + {len(train)} train distractors, {size}px")
         q, d = features(queries), features(database)
         relevant = torch.zeros(len(queries), len(database), dtype=torch.bool)
