@@ -1,6 +1,7 @@
 """The paper's ResNet-50 (Table 2) and the official optimizers: torchvision's ResNet with fc = Identity as the
 backbone, --optimizer {adamw,sgd,lars} with the official semantics, the official README's ResNet-50 recipe, and a
 ResNet checkpoint through the evaluations that make sense for a convnet."""
+import os
 import re
 
 import pytest
@@ -139,3 +140,16 @@ def test_lars_trains_a_resnet(resnet_run, tmp_path):
                                "--output_dir", str(tmp_path)]))
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
     assert ckpt["args"]["optimizer"] == "lars" and "mu" in str(ckpt["optimizer"]["state"])
+
+
+def test_the_docs_state_the_resnet_recipe_that_the_code_uses():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for doc in ("docs/cpu_recipe.md", "docs/scaling.md"):
+        with open(os.path.join(root, doc)) as f:
+            words = f.read().replace("`", " ").split()
+        start = next(i for i in range(len(words)) if words[i:i + 2] == ["--optimizer", "sgd"])  # the recipe
+        for key, value in train.PAPER_RESNET.items():
+            at = words.index(f"--{key}", start)
+            expected = value if isinstance(value, tuple) else (value,)
+            given = [w if isinstance(v, str) else float(w) for w, v in zip(words[at + 1:], expected)]
+            assert given == list(expected), (doc, key)
