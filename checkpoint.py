@@ -3,7 +3,8 @@
 A training checkpoint of ours (train.py) holds `student`, `teacher`, `optimizer`, `scaler`, `dino_loss`, `epoch`,
 `iteration`, `args`, `rng`, `cuda_rng`, `history`, `epoch_sums`. The official main_dino.py saves `student`,
 `teacher` (with `module.` prefixes), `optimizer`, `epoch`, `args` (an argparse.Namespace), `dino_loss`; a released
-backbone file (dino_deitsmall16_pretrain.pth, ...) is a bare state dict of the ViT. All three load here:
+backbone file (dino_deitsmall16_pretrain.pth, ..., dino_resnet50_pretrain.pth) is a bare state dict of the ViT
+or of torchvision's ResNet-50 without its `fc`. All three load here:
 
     save(state, "out/checkpoint.pth")                    # write a temporary file, then rename over the old one
     write_text("out/log.txt", text)                      # the same for any other file a run writes
@@ -138,11 +139,13 @@ def load_pretrained_weights(model, path, checkpoint_key="teacher"):
 def load_backbone(model, sd, path):
     """Load the backbone state dict `sd` (read from `path`, named in the messages) into `model`, strictly."""
     own = model.state_dict()
+    if not any(k in own for k in sd):
+        raise CheckpointError(f"{path} holds no weights of this backbone (found keys like {list(sd)[:3]})")
+    counters = {k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in sd}
+    sd = {**sd, **counters}  # BatchNorm's count of batches seen: unused in eval, absent from some files
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
-        if not any(k in own for k in sd):
-            raise CheckpointError(f"{path} holds no ViT backbone weights (found keys like {list(sd)[:3]})")
         raise CheckpointError(f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]} "
                               f"(wrong --arch?)")
     for k, v in sd.items():
@@ -151,18 +154,18 @@ def load_backbone(model, sd, path):
         if v.shape != own[k].shape:
             raise CheckpointError(f"{path} does not fit the model: {k} has shape {tuple(v.shape)}, model expects "
                                   f"{tuple(own[k].shape)} (wrong --arch or --patch?)")
-    if sd["pos_embed"].shape != own["pos_embed"].shape:
+    if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
         model.pos_embed = nn.Parameter(torch.zeros_like(sd["pos_embed"]))
     model.load_state_dict(sd, strict=True)
     return model
 
 
 def training_args(path, arch=None, patch_size=None):
-    """The training args saved in `path` (a dict), with the arch and patch size to build its ViT with.
+    """The training args saved in `path` (a dict), with the arch and patch size to build its network with.
 
     Our checkpoints and official training checkpoints carry their args (arch, patch_size); a bare released
-    backbone file does not, and then `arch` and `patch_size` must be given. Explicit values win. Our args also give
-    the depth and training resolution (a CPU run may train fewer blocks than the paper's 12).
+    backbone file does not, and then `arch` and, for a ViT, `patch_size` must be given. Explicit values win. Our args
+    also give the depth and training resolution (a CPU run may train fewer blocks than the paper's 12).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -173,10 +176,10 @@ def training_args(path, arch=None, patch_size=None):
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved) if isinstance(saved, dict) else {}
     arch = arch or saved.get("arch")
     patch_size = patch_size or saved.get("patch_size") or saved.get("patch")
-    if not arch or not patch_size:
+    if not arch or (not patch_size and arch.startswith("vit")):  # a ResNet has no patches
         raise CheckpointError(f"{path} has no saved training args (a bare backbone file?): "
-                              "pass --arch and --patch, e.g. --arch vit_small --patch 16")
-    return {**saved, "arch": arch, "patch_size": int(patch_size)}  # the values actually used
+                              "pass --arch and --patch, e.g. --arch vit_small --patch 16 (or --arch resnet50)")
+    return {**saved, "arch": arch, "patch_size": int(patch_size or 0)}  # the values actually used
 
 
 def eval_image_size(image_size, saved):
@@ -192,6 +195,7 @@ RELEASED = {
     "dino_vits8": ("vit_small", 8, "dino_deitsmall8_pretrain.pth"),  # k-NN 78.3%, linear 79.7%
     "dino_vitb16": ("vit_base", 16, "dino_vitbase16_pretrain.pth"),  # k-NN 76.1%, linear 78.2%
     "dino_vitb8": ("vit_base", 8, "dino_vitbase8_pretrain.pth"),  # k-NN 77.4%, linear 80.1%
+    "dino_resnet50": ("resnet50", None, "dino_resnet50_pretrain.pth"),  # k-NN 67.5%, linear 75.3%
     # no official hub names, but the default weights of two official scripts: visualize_attention.py's (the
     # paper's figures, 300 epochs) and eval_image_retrieval.py's (trained on Google Landmarks v2, Table 3)
     "dino_vits8_300ep": ("vit_small", 8, "dino_deitsmall8_300ep_pretrain.pth"),
@@ -211,7 +215,8 @@ def add_weights_args(p, also=""):
     p.add_argument("--pretrained", default=None, metavar="NAME", help=PRETRAINED_HELP)
     p.add_argument("--checkpoint_key", default="teacher", help="which network of a training checkpoint to evaluate: "
                    "'teacher' (as the paper) or 'student' (default: %(default)s)")
-    p.add_argument("--arch", default=None, help="vit_tiny, vit_small or vit_base; needed only for a bare backbone file")
+    p.add_argument("--arch", default=None, help="vit_tiny, vit_small, vit_base or a torchvision ResNet (resnet50); "
+                   "needed only for a bare backbone file")
     p.add_argument("--patch", "--patch_size", dest="patch_size", default=None, type=int,
                    help="patch size (8 or 16); needed only for a bare backbone file")
 

@@ -13,6 +13,10 @@ page-faults its memory in again, zeroed. A training step frees and re-allocates 
 so on CPU it spends part of its time in those faults (2-core Xeon: 70,000-90,000 faults per ViT-S step, the step
 5-10% slower; lab/notes/speed.md). Keeping freed memory in the process is what the jemalloc or tcmalloc of PyTorch's
 CPU tuning guide achieve; glibc's own `mallopt` does it without a new package.
+
+Many processes make a large global batch; `LARS` is the optimizer the official code offers for it (--optimizer lars
+in train.py, with convnets): the layer-wise trust ratio of You et al. (2017) rescales each weight's update to a fixed
+fraction of its norm, whatever the batch size does to the gradient's.
 """
 import ctypes
 import ctypes.util
@@ -68,6 +72,28 @@ def cleanup():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+class LARS(torch.optim.Optimizer):
+    """The official utils.LARS: momentum SGD on u = q (g + wd p), with the trust ratio q = eta ‖p‖ / ‖g + wd p‖
+    (1 where a norm is 0); a 1-D parameter (bias, norm) gets u = g: no weight decay, no trust ratio. `lr` and
+    `weight_decay` are set per step by train.py's schedules, as for AdamW."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in [p for p in g["params"] if p.grad is not None]:
+                u = p.grad
+                if p.ndim != 1:  # u = q (g + wd p), q computed on the device (no host sync)
+                    u = u.add(p, alpha=g["weight_decay"])
+                    p_norm, u_norm = p.norm(), u.norm()
+                    u = u * torch.where((p_norm > 0) & (u_norm > 0), g["eta"] * p_norm / u_norm, 1.0)
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(u)  # μ ← m μ + u
+                p.add_(mu, alpha=-g["lr"])  # p ← p − lr μ
 
 
 def all_gather(t):

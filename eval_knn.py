@@ -1,6 +1,7 @@
 """Weighted k-NN classification on frozen features (paper Sec. 3.2 "Evaluation protocols"; Wu et al. 2018).
 
-Every image goes once through the frozen backbone (the teacher by default); its [CLS] output is L2-normalised.
+Every image goes once through the frozen backbone (the teacher by default); its [CLS] output (a ResNet's pooled
+feature) is L2-normalised.
 A test image is compared with all training images by cosine similarity; its k nearest neighbours vote for their
 class with weight exp(similarity / T), T = 0.07, and the class with the most votes wins. No training, no
 hyper-parameter to tune but k: a cheap probe of how well the features cluster by class. Paper (ImageNet,
@@ -9,6 +10,7 @@ ViT-S/16, 800 epochs): 74.5% top-1 with k = 20.
     python eval_knn.py OUT/checkpoint.pth                       # data, arch, patch and image size from the checkpoint
     python eval_knn.py --pretrained dino_vits16 --data /path/imagenet    # released weights, fetched to the hub cache
     python eval_knn.py dino_deitsmall16_pretrain.pth --arch vit_small --patch 16 --data /path/imagenet
+    python eval_knn.py --pretrained dino_resnet50 --data /path/imagenet  # the paper's ResNet-50: 67.5% (Table 2)
     torchrun --nproc_per_node=8 eval_knn.py CKPT --data /path/imagenet     # features extracted in parallel
 
 Also used by train.py as an online monitor (Fig. 7-style curves of k-NN accuracy during training):
@@ -150,11 +152,11 @@ def monitor_top1(model, train_dataset, val_dataset, device, k=20, temperature=0.
 
 # ----------------------------------------------------------------------------- command line
 
-def frozen_backbone(args, device):
+def frozen_backbone(args, device, vit_needed=None):
     """The network to evaluate, in eval mode on `device`, and its training args: a checkpoint file or --pretrained
-    NAME (vit.from_args), or with `args.random_init` an untrained network of that shape (seed 0). Also used by
-    eval_retrieval.py and eval_video_segmentation.py."""
-    model, saved = vit.from_args(args)
+    NAME (vit.from_args; `vit_needed`: what a ViT-only evaluation reads), or with `args.random_init` an untrained
+    network of that shape (seed 0). Also used by eval_retrieval.py and eval_video_segmentation.py."""
+    model, saved = vit.from_args(args, vit_needed)
     if getattr(args, "random_init", False):  # same shape, fresh weights: what the features owe to training
         torch.manual_seed(0)
         model = vit.build_like(saved)
@@ -207,8 +209,8 @@ def run(args):
         if rank == 0:
             what = "raw pixels" if args.raw_pixels else "random init" if args.random_init else \
                 args.pretrained or args.checkpoint_key
-            print(f"{saved['arch']}/{saved['patch_size']}, {saved.get('depth', 12)} blocks ({what}) on "
-                  f"'{data}': {len(train_dataset)} train / {len(val_dataset)} val images at {size}px")
+            print(f"{vit.describe(saved)} ({what}) on '{data}': {len(train_dataset)} train / {len(val_dataset)} "
+                  f"val images at {size}px")
         train_features, train_labels = extract_features(model, train_dataset, device, args.batch_size,
                                                         args.num_workers)
         test_features, test_labels = extract_features(model, val_dataset, device, args.batch_size, args.num_workers)

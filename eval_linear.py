@@ -2,7 +2,8 @@
 
 The backbone is frozen; only one linear layer is trained, with cross-entropy, on top of
 - ViT-S/T: the [CLS] tokens of the last 4 blocks, concatenated (n_last_blocks=4, avgpool_patchtokens=0);
-- ViT-B: the last [CLS] token and the average of the last block's patch tokens (n_last_blocks=1, avgpool=1).
+- ViT-B: the last [CLS] token and the average of the last block's patch tokens (n_last_blocks=1, avgpool=1);
+- ResNet: the 2048-d average-pooled feature of the last stage (the network's output once `fc` is removed).
 As the official code: weights ~ N(0, 0.01²), bias 0; SGD momentum 0.9, no weight decay, lr = lr·batch_total/256,
 cosine to 0 over the epochs (stepped per epoch); RandomResizedCrop + flip for training, resize + centre crop
 for validation. Paper (ImageNet, ViT-S/16, 800 epochs): 77.0% top-1 after 100 epochs.
@@ -10,6 +11,7 @@ for validation. Paper (ImageNet, ViT-S/16, 800 epochs): 77.0% top-1 after 100 ep
     python eval_linear.py OUT/checkpoint.pth                    # embedded data: cached features, seconds on a CPU
     python eval_linear.py --pretrained dino_vitb16 --data /path/imagenet     # released weights (hub cache)
     python eval_linear.py dino_vitbase16_pretrain.pth --arch vit_base --patch 16 --data /path/imagenet
+    python eval_linear.py --pretrained dino_resnet50 --data /path/imagenet   # the paper's ResNet-50: 75.3%
     torchrun --nproc_per_node=8 eval_linear.py CKPT --data /path/imagenet
 
 `--cache_features 1` (default on the embedded data) extracts the features of the un-augmented images once and
@@ -166,7 +168,7 @@ def get_args_parser():
     p.add_argument("--batch_size", "--batch_size_per_gpu", dest="batch_size", default=128, type=int,
                    help="images per step, per process (default: %(default)s)")
     p.add_argument("--n_last_blocks", default=None, type=int, help="concatenate the [CLS] tokens of the n last "
-                   "blocks; default: 1 for vit_base, 4 otherwise (the paper's choice)")
+                   "blocks; default: 1 for vit_base, 4 otherwise (the paper's choice); ViTs only")
     p.add_argument("--avgpool_patchtokens", default=None, type=int, choices=(0, 1), help="also concatenate the "
                    "average-pooled patch tokens of the last block; default: 1 for vit_base, 0 otherwise")
     p.add_argument("--cache_features", default=None, type=int, choices=(0, 1), help="1: extract the features of the "
@@ -189,10 +191,10 @@ def run(args):
     torch.manual_seed(args.seed)
     model, saved = vit.from_args(args)  # a checkpoint file, or --pretrained NAME
     model.to(device).eval().requires_grad_(False)
-    is_base = saved["arch"] == "vit_base"
+    is_base, is_vit = saved["arch"] == "vit_base", saved["arch"] not in vit.RESNETS
     n = args.n_last_blocks or (1 if is_base else 4)
     avgpool = bool(is_base if args.avgpool_patchtokens is None else args.avgpool_patchtokens)
-    if not 1 <= n <= len(model.blocks):
+    if is_vit and not 1 <= n <= len(model.blocks):
         raise ValueError(f"--n_last_blocks {n}: the model has {len(model.blocks)} blocks")
     size = checkpoint.eval_image_size(args.image_size, saved)
     data = args.data or saved.get("data") or data_lib.DEFAULT_DATA  # else the data it was trained on
@@ -201,13 +203,14 @@ def run(args):
     train_dataset = data_lib.build_dataset(data, "train", val_tf if cache else train_transform(size))
     val_dataset = data_lib.build_dataset(data, "val", val_tf)
     num_labels = len(train_dataset.classes)
-    dim = model.embed_dim * (n + int(avgpool))
+    dim = model.embed_dim * (n + int(avgpool)) if is_vit else model.embed_dim
+    what = f"[CLS] of {n} blocks{' + avg patch' if avgpool else ''}" if is_vit else "pooled last stage"
     log(f"{saved['arch']} ({args.pretrained or args.checkpoint_key}) on '{data}': {len(train_dataset)} train / "
-        f"{len(val_dataset)} val images at {size}px, {num_labels} classes; features: [CLS] of {n} blocks"
-        f"{' + avg patch' if avgpool else ''} = {dim}-d; {'cached' if cache else 'augmented'}")
+        f"{len(val_dataset)} val images at {size}px, {num_labels} classes; features: {what} = {dim}-d; "
+        f"{'cached' if cache else 'augmented'}")
 
-    def frozen(x):  # normalised images -> frozen features (b, dim)
-        return block_features(model, x, n, avgpool)
+    def frozen(x):  # normalised images -> frozen features (b, dim); a ResNet's output is its pooled feature
+        return block_features(model, x, n, avgpool) if is_vit else model(x)
 
     def embed(images):  # uint8 images, as the loaders give them
         return frozen(augment.normalize(images))

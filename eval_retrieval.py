@@ -1,9 +1,9 @@
 """Image retrieval and copy detection with frozen features (paper Sec. 4.2.1, Tables 3 and 4).
 
-Each image is described by its L2-normalised [CLS] feature (the teacher's, extracted as for k-NN); a query ranks the
-database by cosine similarity, and mean average precision scores the rankings. AP is the trapezoid rule of the
-Oxford / Holidays evaluation code that the official scripts use: the j-th relevant image (j = 0, 1, ...) found at
-rank r adds ((j / r) + (j + 1) / (r + 1)) / 2 / n_relevant (j / r read as 1 at r = 0).
+Each image is described by its L2-normalised [CLS] feature (the teacher's, extracted as for k-NN; a ResNet's pooled
+feature); a query ranks the database by cosine similarity, and mean average precision scores the rankings. AP is the
+trapezoid rule of the Oxford / Holidays evaluation code that the official scripts use: the j-th relevant image
+(j = 0, 1, ...) found at rank r adds ((j / r) + (j + 1) / (r + 1)) / 2 / n_relevant (j / r read as 1 at r = 0).
 
 - default, retrieval: the val images of the checkpoint's data are the queries, its train images the database, and
   an image is relevant when it has the query's class.
@@ -48,6 +48,7 @@ from torch.utils.data import ConcatDataset, Dataset
 import augment
 import checkpoint
 import data as data_lib
+import vit
 from eval_knn import extract_features, frozen_backbone  # the features and the model, as k-NN takes them
 
 
@@ -281,7 +282,7 @@ def run(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, saved = frozen_backbone(args, device)
     what = "random init" if args.random_init else args.pretrained or args.checkpoint_key
-    describe = f"{saved['arch']}/{saved['patch_size']} ({what}{', multiscale' if args.multiscale else ''})"
+    describe = f"{vit.describe(saved)} ({what}{', multiscale' if args.multiscale else ''})"
     if args.copydays:
         return copy_detection(model, args, device, describe)
     size = checkpoint.eval_image_size(args.image_size, saved)

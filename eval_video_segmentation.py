@@ -282,7 +282,8 @@ def get_args_parser():
 def run(args):
     if args.topk < 1 or args.n_last_frames < 0 or args.size_mask_neighborhood < 0:
         raise ValueError("--topk must be at least 1, --n_last_frames and --size_mask_neighborhood at least 0")
-    model, saved = eval_knn.frozen_backbone(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, saved = eval_knn.frozen_backbone(args, device, vit_needed="patch tokens")  # a ResNet: one error line
     synthetic = args.data == "synthetic"
     videos = data_lib.synthetic_videos() if synthetic else davis_videos(args.data)
     size = args.image_size or (None if synthetic else 480)

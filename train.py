@@ -53,7 +53,7 @@ PRESETS = {
                   global_crops_scale=(0.4, 1.0), local_crops_number=10, local_crops_scale=(0.05, 0.4),
                   global_size=224, local_size=96, blur_radius=(0.1, 2.0), color_jitter=1.0, depth=12, knn_every=0,
                   num_workers=10, stop_on_collapse=False, curriculum_epochs=0, curriculum_sizes=(224, 96),
-                  patch_drop=(0.0, 0.0)),
+                  patch_drop=(0.0, 0.0), optimizer="adamw"),
     "cpu": dict(arch="vit_tiny", patch_size=8, out_dim=256, norm_last_layer=True, use_bn_in_head=False,
                 momentum_teacher=0.95, centering="ema", koleo_weight=0.1, center_momentum=0.0,
                 warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=0,
@@ -62,10 +62,13 @@ PRESETS = {
                 global_crops_scale=(0.4, 1.0), local_crops_number=4, local_crops_scale=(0.05, 0.4),
                 global_size=64, local_size=32, blur_radius=(0.1, 0.45), color_jitter=1.0, depth=4, knn_every=1,
                 num_workers=0, stop_on_collapse=True, curriculum_epochs=5, curriculum_sizes=(48, 24),
-                patch_drop=(0.5, 0.5)),
+                patch_drop=(0.5, 0.5), optimizer="adamw"),
 }
+# --preset paper with a ResNet (--arch resnet50): the official README's ResNet-50 recipe, in place of those values
+PAPER_RESNET = dict(optimizer="sgd", lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4,
+                    global_crops_scale=(0.14, 1.0), local_crops_scale=(0.05, 0.14))
 HELP = {
-    "arch": "ViT size (vit_tiny, vit_small, vit_base).",
+    "arch": "ViT size (vit_tiny, vit_small, vit_base) or a torchvision ResNet (resnet50, the paper's convnet).",
     "patch_size": "Patch size in pixels: 8 gives better features at ~4x the cost of 16.",
     "depth": "Number of Transformer blocks (12 in the paper; fewer for a quick CPU run).",
     "out_dim": "K, the dimension of the DINO head output; large K (65536) helps on ImageNet.",
@@ -105,6 +108,7 @@ HELP = {
     "stop_on_collapse": "Stop (exit code 3) when the teacher stayed collapsed for a whole epoch after the first; "
                         "off by default for the ablations --no_centering, --no_sharpening, --momentum_teacher 0.",
     "num_workers": "Data loading processes per training process (0 on 2 cores: workers would take the step's cores).",
+    "optimizer": "adamw (the paper's, for ViTs), or for a convnet sgd (momentum 0.9) or lars (large batches).",
     "curriculum_epochs": "Speed lever, not the paper's: the first N epochs use the smaller crops of "
                          "--curriculum_sizes, the rest --global_size/--local_size (a resolution curriculum, "
                          "FastDINOv2; 0: off).",
@@ -118,7 +122,7 @@ SCHEDULE_KEYS = ["arch", "patch_size", "depth", "out_dim", "use_bn_in_head", "ep
                  "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher", "centering",
                  "koleo_weight", "center_momentum", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
                  "freeze_last_layer", "local_crops_number", "color_jitter", "data", "global_size", "local_size", "seed",
-                 "no_centering", "no_sharpening", "curriculum_epochs", "curriculum_sizes", "patch_drop"]
+                 "no_centering", "no_sharpening", "optimizer", "curriculum_epochs", "curriculum_sizes", "patch_drop"]
 
 
 class UserError(Exception):
@@ -134,7 +138,8 @@ def get_args(argv=None):
     # both presets' values; its default (None here) is filled in from the chosen preset below.
     for k, v in PRESETS["paper"].items():
         names = {"patch_size": ["--patch", "--patch_size"], "batch_size": ["--batch_size", "--batch_size_per_gpu"]}
-        kw = dict(default=None, help=f"{HELP[k]} (cpu: {PRESETS['cpu'][k]}; paper: {v})")
+        also = f"; paper with a ResNet: {PAPER_RESNET[k]}" if k in PAPER_RESNET else ""
+        kw = dict(default=None, help=f"{HELP[k]} (cpu: {PRESETS['cpu'][k]}; paper: {v}{also})")
         if isinstance(v, tuple):
             kw.update(nargs=len(v), type=type(v[0]))
         elif isinstance(v, bool):
@@ -167,7 +172,9 @@ def get_args(argv=None):
     ablation = args.no_centering or args.no_sharpening or args.momentum_teacher == 0
     if args.stop_on_collapse is None and ablation:  # an ablation is run to watch the collapse happen
         args.stop_on_collapse = False
-    for k, v in PRESETS[args.preset].items():
+    resnet = {} if args.arch not in vit.RESNETS else {"patch_drop": (0.0, 0.0),  # a ViT lever; the official recipe
+                                                       **(PAPER_RESNET if args.preset == "paper" else {})}
+    for k, v in {**PRESETS[args.preset], **resnet}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     for k in ("global_crops_scale", "local_crops_scale", "blur_radius", "curriculum_sizes", "patch_drop"):
@@ -175,14 +182,18 @@ def get_args(argv=None):
     if args.local_size > args.global_size:
         raise UserError(f"--local_size {args.local_size} is larger than --global_size {args.global_size}")
     for size in (args.global_size, args.local_size, *(args.curriculum_sizes if args.curriculum_epochs else ())):
-        if size % args.patch_size:
+        if size % args.patch_size and args.arch not in vit.RESNETS:  # a ResNet has no patches
             raise UserError(f"--patch {args.patch_size} does not divide the crop size {size}")
+    if any(args.patch_drop) and args.arch in vit.RESNETS:
+        raise UserError(f"--patch_drop needs a ViT's patch tokens; {args.arch} has none (use --patch_drop 0 0)")
     if not all(0 <= r < 1 for r in args.patch_drop):
         raise UserError(f"--patch_drop {' '.join(map(str, args.patch_drop))}: each fraction must be in [0, 1)")
     if args.centering not in ("ema", "sinkhorn"):
         raise UserError(f"unknown --centering {args.centering} (ema or sinkhorn)")
-    if args.arch not in vit.ARCHS:
-        raise UserError(f"unknown --arch {args.arch} (choose from {', '.join(vit.ARCHS)})")
+    if args.arch not in vit.ARCHS and args.arch not in vit.RESNETS:
+        raise UserError(f"unknown --arch {args.arch} (choose from {', '.join(vit.ARCHS)} or a ResNet: resnet50, ...)")
+    if args.optimizer not in ("adamw", "sgd", "lars"):
+        raise UserError(f"unknown --optimizer {args.optimizer} (choose from adamw, sgd, lars)")
     if args.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--precision fp16 needs CUDA; use bf16 or fp32 on CPU")
     return args
@@ -248,15 +259,16 @@ class MultiCropWrapper(nn.Module):
                 end += 1  # a run of crops of one size; the 2 global ones run alone when they drop patches
             # drop_ratio: the student's 2 global views lose that fraction of their patch tokens (vit.drop_patches)
             ratio = drop_ratio if start == 0 else 0.0
-            feats.append(self.backbone(torch.cat(crops[start:end]), drop_ratio=ratio))  # (n_crops_of_this_size·B, D)
+            x = torch.cat(crops[start:end])  # (n_crops_of_this_size·B, 3, H, W)
+            feats.append(self.backbone(x, drop_ratio=ratio) if ratio else self.backbone(x))  # (n·B, D)
             start = end
         feats = torch.cat(feats)  # (n_crops·B, D) backbone [CLS] features, crops stacked view by view
         return (self.head(feats), feats) if return_features else self.head(feats)  # head: (n_crops·B, K)
 
 
 def build_model(args, drop_path_rate):
-    backbone = vit.ARCHS[args.arch](patch_size=args.patch_size, img_size=args.global_size, depth=args.depth,
-                                    drop_path_rate=drop_path_rate)
+    backbone = vit.backbone(args.arch, patch_size=args.patch_size, img_size=args.global_size, depth=args.depth,
+                            drop_path_rate=drop_path_rate)  # a ResNet: torchvision's, with fc = nn.Identity()
     head = DINOHead(backbone.embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer)
     return MultiCropWrapper(backbone, head)
 
@@ -290,6 +302,13 @@ def param_groups(model):
         if p.requires_grad:
             (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(name, groups, device):
+    """--optimizer (official): AdamW for ViTs (Sec. 3.2); SGD (momentum 0.9) or LARS (distributed.py) for convnets."""
+    fused = device.type in ("cuda", "cpu")
+    return {"adamw": lambda: torch.optim.AdamW(groups, lr=0.0, fused=fused), "lars": lambda: distributed.LARS(groups),
+            "sgd": lambda: torch.optim.SGD(groups, lr=0.0, momentum=0.9)}[name]()  # fused: no (frozen layer)
 
 
 @torch.no_grad()
@@ -376,7 +395,7 @@ def main(args):
     teacher = build_model(args, 0.0).to(device)  # no drop-path in the teacher
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)  # the teacher is never trained by gradients, only by the EMA of the student
-    if args.use_bn_in_head and dist.is_initialized() and device.type == "cuda":  # BN over the global batch (official)
+    if (args.use_bn_in_head or args.arch in vit.RESNETS) and dist.is_initialized() and device.type == "cuda":  # SyncBN
         student, teacher = map(nn.SyncBatchNorm.convert_sync_batchnorm, (student, teacher))
     # under torchrun the student's gradients are averaged over the processes; the teacher needs no wrapper
     student_ddp = DistributedDataParallel(student) if dist.is_initialized() else student
@@ -386,8 +405,8 @@ def main(args):
                          args.warmup_teacher_temp_epochs, args.epochs, center_momentum=args.center_momentum,
                          centering="none" if args.no_centering else args.centering,
                          sharpening=not args.no_sharpening).to(device)
-    # AdamW (Sec. 3.2); lr and weight decay are set every step from the schedules below
-    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, fused=device.type in ("cuda", "cpu"))
+    # AdamW (Sec. 3.2), or SGD or LARS for a convnet; lr and weight decay are set every step from the schedules below
+    optimizer = build_optimizer(args.optimizer, param_groups(student), device)
     # one mixed-precision path: autocast (bf16 or fp16) on the forward, a GradScaler that only fp16 needs
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
@@ -410,7 +429,7 @@ def main(args):
         return print_once(rank, f"training already finished ({args.epochs} epochs) in {args.output_dir}; use "
                           "another --output_dir to train again")
     stop = catch_stop_signals()
-    print_once(rank, f"{args.arch}/{args.patch_size} depth {args.depth}, K={args.out_dim}, {dino_loss.ncrops} crops, "
+    print_once(rank, f"{vit.describe(vars(args))}, K={args.out_dim}, {dino_loss.ncrops} crops, "
                f"{len(dataset)} images, {world} process(es) x {args.batch_size}, {precision} on {device}, "
                f"{args.epochs} epochs")
     args.num_workers = loader_workers(args.num_workers, rank)

@@ -288,7 +288,7 @@ def run(args):
         raise ValueError(f"--threshold must be in (0, 1], got {args.threshold}")
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max_images must be at least 1, got {args.max_images}")
-    model, saved = vit.from_args(args)  # a checkpoint file, or --pretrained NAME
+    model, saved = vit.from_args(args, vit_needed="[CLS] attention maps")  # a file or --pretrained NAME; not a ResNet
     if args.random_init:
         model = random_like(model, saved["arch"], args.seed)
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()

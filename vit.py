@@ -12,12 +12,16 @@ The parameter names are exactly those of the official code, so released DINO wei
     model = released("dino_vits16")                # the same, fetched into torch.hub's cache on first use
     features = model(images)                       # (B, 384)
     attn = model.get_last_selfattention(images)    # (B, 6, 1+N, 1+N)
+
+A ResNet backbone (the paper's ResNet-50, Table 2) is torchvision's, with `fc = nn.Identity()` as in the official
+code: `backbone("resnet50")` gives its (B, 2048) pooled feature, and every function below builds and loads either.
 """
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 from checkpoint import (CheckpointError, backbone_state_dict, check_released, load_backbone,  # noqa: F401
                         load_pretrained_weights, load_released, released_path, training_args)  # (DESIGN.md §2)
@@ -204,48 +208,88 @@ def vit_base(patch_size=16, **kw):
 
 
 ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+RESNETS = [n for n in torchvision.models.resnet.__all__ if n.islower()]  # resnet18, ..., resnet50, ..., resnext...
+
+
+def resnet(arch, **kw):
+    """torchvision's ResNet `arch`, untrained, with fc = nn.Identity() (official main_dino.py): its output is the
+    average-pooled feature of the last stage, (B, 2048) for resnet50; `embed_dim` is that width (the head's input)."""
+    model = torchvision.models.get_model(arch, weights=None, **kw)
+    model.embed_dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model
+
+
+def backbone(arch, patch_size=16, **kw):
+    """A ViT of ARCHS (keywords: depth, img_size, drop_path_rate) or a ResNet of RESNETS, which has none of them
+    (official: a convnet is built as torchvision builds it, with no drop-path)."""
+    return resnet(arch) if arch in RESNETS else ARCHS[arch](patch_size=patch_size, **kw)
+
+
+def describe(saved):
+    """'vit_small/16, 12 blocks' or 'resnet50': the network that training args describe, for the scripts' output."""
+    if saved["arch"] in RESNETS:
+        return saved["arch"]
+    depth = saved.get("depth") or 12
+    return f"{saved['arch']}/{saved['patch_size']}, {depth} block{'s' if depth != 1 else ''}"
+
+
+def refuse_resnet(arch, needs):
+    """The evaluations that read a ViT's attention or patch tokens answer a ResNet with one line (CheckpointError)."""
+    if arch in RESNETS:
+        raise CheckpointError(f"{arch} is a convnet: this evaluation needs a ViT's {needs}; evaluate a ResNet with "
+                              "eval_knn.py, eval_linear.py or eval_retrieval.py")
 
 
 # ============ weights from a file (the file handling lives in checkpoint.py) ============
-def from_checkpoint(path, arch=None, patch_size=None, checkpoint_key="teacher"):
-    """The ViT that `path` was trained with, its weights loaded. Returns (model, the training args used).
+def from_checkpoint(path, arch=None, patch_size=None, checkpoint_key="teacher", vit_needed=None):
+    """The backbone that `path` was trained with, its weights loaded. Returns (model, the training args used).
 
-    A bare released backbone file has no args: then `arch` and `patch_size` must be given (explicit values win)."""
+    A bare released backbone file has no args: then `arch` (and for a ViT `patch_size`) must be given (explicit
+    values win). `vit_needed`: what a ViT-only evaluation reads (refuse_resnet), checked before any weights load."""
     saved = training_args(path, arch, patch_size)
-    if saved["arch"] not in ARCHS:
-        raise CheckpointError(f"unknown architecture '{saved['arch']}' (choose from {', '.join(ARCHS)})")
+    if saved["arch"] not in ARCHS and saved["arch"] not in RESNETS:
+        raise CheckpointError(f"unknown architecture '{saved['arch']}' (choose from {', '.join(ARCHS)} or a "
+                              f"torchvision ResNet: {', '.join(RESNETS)})")
+    if vit_needed:
+        refuse_resnet(saved["arch"], vit_needed)
     model = build_like(saved)
     load_pretrained_weights(model, path, checkpoint_key)
     return model, saved
 
 
 def build_like(saved):
-    """A fresh ViT of the shape that training args describe: arch, patch size, depth, stored pos-embed grid."""
+    """A fresh backbone of the shape that training args describe: arch, and for a ViT patch size, depth, stored
+    pos-embed grid."""
     shape = {"depth": saved["depth"]} if saved.get("depth") else {}
     if saved.get("global_size"):
         shape["img_size"] = saved["global_size"]  # the stored pos_embed grid (other sizes are interpolated)
-    return ARCHS[saved["arch"]](patch_size=int(saved["patch_size"]), **shape)
+    return backbone(saved["arch"], patch_size=int(saved["patch_size"] or 16), **shape)
 
 
 def released(name, pretrained=True, progress=True, **kw):
-    """The ViT of released DINO `name` (dino_vits16, dino_vits8, dino_vitb16, dino_vitb8: checkpoint.RELEASED) with
-    its weights from torch.hub's cache, downloaded on first use; untrained with pretrained=False (hubconf.py)."""
+    """The network of released DINO `name` (dino_vits16, dino_vits8, dino_vitb16, dino_vitb8, dino_resnet50:
+    checkpoint.RELEASED) with its weights from torch.hub's cache, downloaded on first use; untrained with
+    pretrained=False (hubconf.py). `kw` go to the ViT's or torchvision's constructor."""
     arch, patch_size, _ = check_released(name)
-    model = ARCHS[arch](patch_size=patch_size, **kw)
+    model = resnet(arch, **kw) if arch in RESNETS else ARCHS[arch](patch_size=patch_size, **kw)
     if pretrained:
         load_backbone(model, backbone_state_dict(load_released(name, progress)), released_path(name))
     return model
 
 
-def from_args(args):
+def from_args(args, vit_needed=None):
     """The model a script's command line names: `args.pretrained` (a released name) or `args.checkpoint` (a file,
-    with `args.arch`, `args.patch_size`, `args.checkpoint_key`). Returns (model, training args as from_checkpoint)."""
+    with `args.arch`, `args.patch_size`, `args.checkpoint_key`). Returns (model, training args as from_checkpoint).
+    `vit_needed`: what a ViT-only evaluation reads; a ResNet is then refused in one line (refuse_resnet)."""
     if args.pretrained and args.checkpoint:
         raise ValueError(f"give a checkpoint or --pretrained, not both ({args.checkpoint}, {args.pretrained})")
     if args.pretrained:
+        arch, patch_size, _ = check_released(args.pretrained)
+        if vit_needed:
+            refuse_resnet(arch, vit_needed)
         model = released(args.pretrained)
-        return model, {"arch": check_released(args.pretrained)[0], "patch_size": model.patch_size,
-                       "depth": len(model.blocks)}
+        return model, {"arch": arch, "patch_size": patch_size, "depth": len(getattr(model, "blocks", ()))}
     if not args.checkpoint:
         raise ValueError("a checkpoint is required: a file, or --pretrained NAME for released weights")
-    return from_checkpoint(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key)
+    return from_checkpoint(args.checkpoint, args.arch, args.patch_size, args.checkpoint_key, vit_needed)

@@ -1,5 +1,6 @@
 """Released DINO weights by name: torch.hub's cache (used without network), failed and corrupt downloads, hubconf.py
-with a local checkout, and --pretrained on the command line. The network is never touched: every download is faked."""
+with a local checkout (the ViTs and the ResNet-50), and --pretrained on the command line. The network is never
+touched: every download is faked."""
 import os
 import re
 import urllib.error
@@ -7,10 +8,12 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 import checkpoint
 import eval_knn
+import eval_video_segmentation
 import visualize_attention
 import vit
 
@@ -52,8 +55,11 @@ def test_names_urls_and_cache_paths_are_the_official_ones(hub):
     assert checkpoint.released_path("dino_vitb8") == str(hub / "dino_vitbase8_pretrain.pth")
     assert {n: a[:2] for n, a in checkpoint.RELEASED.items()} == {
         "dino_vits16": ("vit_small", 16), "dino_vits8": ("vit_small", 8),
-        "dino_vitb16": ("vit_base", 16), "dino_vitb8": ("vit_base", 8),
+        "dino_vitb16": ("vit_base", 16), "dino_vitb8": ("vit_base", 8), "dino_resnet50": ("resnet50", None),
         "dino_vits8_300ep": ("vit_small", 8), "dino_vits16_gldv2": ("vit_small", 16)}
+    assert checkpoint.released_url("dino_resnet50") == \
+        "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth"
+    assert checkpoint.released_path("dino_resnet50") == str(hub / "dino_resnet50_pretrain.pth")
     assert checkpoint.released_url("dino_vits16_gldv2") == "https://dl.fbaipublicfiles.com/dino/" \
         "dino_vitsmall16_googlelandmark_pretrain/dino_vitsmall16_googlelandmark_pretrain.pth"
     assert checkpoint.released_path("dino_vits8_300ep") == str(hub / "dino_deitsmall8_300ep_pretrain.pth")
@@ -130,13 +136,18 @@ def test_hub_entry_points_take_the_official_keyword_arguments(released_vits16):
         torch.hub.load(ROOT, "dino_vits16", source="local", num_classes=1000)
 
 
-def test_pretrained_on_the_command_line_reads_the_cache(released_vits16, tmp_path, capsys):
-    folder = tmp_path / "imgs"
+def image_folder(folder):
+    """Two classes (dark, light) of two 32 px images each, in train/ and val/."""
     for split in ("train", "val"):
         for c, value in (("dark", 20), ("light", 230)):
             os.makedirs(folder / split / c)
             for i in range(2):
                 Image.fromarray(np.full((32, 32, 3), value + 5 * i, np.uint8)).save(folder / split / c / f"{i}.png")
+    return folder
+
+
+def test_pretrained_on_the_command_line_reads_the_cache(released_vits16, tmp_path, capsys):
+    folder = image_folder(tmp_path / "imgs")
     argv = ["--pretrained", "dino_vits16", "--data", str(folder), "--image_size", "32", "--num_workers", "0"]
     assert eval_knn.main(argv + ["--nb_knn", "1"]) == 0
     out = capsys.readouterr().out
@@ -157,6 +168,33 @@ def test_a_folder_of_images_gives_one_sheet_each(released_vits16, tmp_path):
     assert sorted(os.listdir(out)) == ["a.png", "b.png"]
     with Image.open(out / "a.png") as im:  # 2 rows of 32 px, 1 + 6 columns of 32 px (40 -> 32 wide), 4 px gaps
         assert im.size == (7 * 32 + 6 * 4, 2 * 32 + 4)
+
+
+def test_released_resnet50_through_the_hub_cache_is_torchvisions_resnet50_and_serves_knn(hub, tmp_path, capsys):
+    torch.manual_seed(0)
+    source = torchvision.models.resnet50().eval()  # the official layout: torchvision's resnet50 without its fc
+    source.fc = torch.nn.Identity()
+    os.makedirs(hub)
+    torch.save(source.state_dict(), hub / "dino_resnet50_pretrain.pth")
+    model = torch.hub.load(ROOT, "dino_resnet50", source="local").eval()
+    assert type(model) is torchvision.models.ResNet
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), rtol=0, atol=1e-5)  # (2, 2048) pooled features
+    folder = image_folder(tmp_path / "imgs")
+    assert eval_knn.main(["--pretrained", "dino_resnet50", "--data", str(folder), "--image_size", "32",
+                          "--num_workers", "0", "--nb_knn", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet50 (dino_resnet50)" in out and re.search(r"1-NN classifier result: Top1: [\d.]+", out)
+
+
+@pytest.mark.parametrize("script", [visualize_attention, eval_video_segmentation])
+def test_evaluations_that_need_a_vit_answer_a_resnet_in_one_line_before_reading_weights(hub, script, tmp_path, capsys):
+    # the hub cache is empty and the network is off: the answer comes before any download is tried
+    extra = ["--image", "docs/example.png", "--output_dir", str(tmp_path)] if script is visualize_attention else []
+    assert script.main(["--pretrained", "dino_resnet50", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: resnet50 is a convnet") and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("argv,message", [

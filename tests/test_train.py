@@ -2,7 +2,9 @@
 import json
 import math
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 import data
+import eval_knn
 import train
 import vit
 
@@ -195,6 +198,30 @@ def test_two_process_gloo_run_keeps_both_ranks_identical(folder, tmp_path):
     r0, r1 = (torch.load(out / f"rank{r}.pth", weights_only=False) for r in (0, 1))
     assert_same_weights(r0["student"], r1["student"])
     assert torch.equal(r0["center"], r1["center"]) and r0["center"].abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_each_train_one_run_whose_checkpoint_evaluates(folder, tmp_path, capsys):
+    """Across machines (README): one torchrun per node, --nnodes 2 --node_rank 0|1 --master_addr --master_port;
+    here both "nodes" are on 127.0.0.1, one process each (gloo), and rank 0 writes the checkpoint."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r),
+                               "--master_addr", "127.0.0.1", "--master_port", port, "--nproc_per_node", "1",
+                               "train.py", *tiny_args(folder, out, "--epochs", "1", "--batch_size", "4")],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (1, 0)]
+    logs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[1][1][-2000:] + logs[0][1][-2000:]
+    stdout = logs[1][0]
+    assert "2 process(es) x 4" in stdout and re.search(r"epoch 0 loss [\d.]+", stdout)  # rank 0 prints
+    assert "epoch 0" not in logs[0][0]  # the node of rank 1 prints nothing
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["args"]["world_size"] == 2
+    assert eval_knn.main([str(out / "checkpoint.pth"), "--num_workers", "0", "--nb_knn", "5"]) == 0
+    assert re.search(r"5-NN classifier result: Top1: [\d.]+", capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("flags,message", [
