@@ -57,11 +57,11 @@ PRESETS = {
     "cpu": dict(arch="vit_tiny", patch_size=8, out_dim=256, norm_last_layer=True, use_bn_in_head=False,
                 momentum_teacher=0.95, centering="ema", koleo_weight=0.1, center_momentum=0.0,
                 warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=0,
-                weight_decay=0.04, weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=7,
+                weight_decay=0.04, weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=6,
                 freeze_last_layer=0, lr=0.002, warmup_epochs=1, min_lr=1e-5, drop_path_rate=0.0,
                 global_crops_scale=(0.4, 1.0), local_crops_number=4, local_crops_scale=(0.05, 0.4),
-                global_size=64, local_size=32, blur_radius=(0.1, 0.45), color_jitter=1.0, depth=4, knn_every=1,
-                num_workers=0, stop_on_collapse=True, curriculum_epochs=5, curriculum_sizes=(48, 24),
+                global_size=64, local_size=32, blur_radius=(0.1, 0.45), color_jitter=1.0, depth=4, knn_every=2,
+                num_workers=0, stop_on_collapse=True, curriculum_epochs=3, curriculum_sizes=(48, 24),
                 patch_drop=(0.5, 0.5), optimizer="adamw"),
 }
 # --preset paper with a ResNet (--arch resnet50): the official README's ResNet-50 recipe, in place of those values
@@ -104,7 +104,7 @@ HELP = {
     "local_size": "Side of the local crops in pixels.",
     "blur_radius": "Gaussian blur radius range in pixels (scale it down for small crops).",
     "color_jitter": "Strength s of the colour jitter, ColorJitter(0.4s, 0.4s, 0.2s, 0.1s) with p 0.8 (1: the paper's).",
-    "knn_every": "Online 20-NN accuracy on a held-back labelled split every N epochs (0: never).",
+    "knn_every": "Online 20-NN accuracy on a held-back labelled split every N epochs and after the last (0: never).",
     "stop_on_collapse": "Stop (exit code 3) when the teacher stayed collapsed for a whole epoch after the first; "
                         "off by default for the ablations --no_centering, --no_sharpening, --momentum_teacher 0.",
     "num_workers": "Data loading processes per training process (0 on 2 cores: workers would take the step's cores).",
@@ -460,7 +460,7 @@ def main(args):
         log = {"epoch": epoch, **meter.means(), "lr": float(lr_schedule[it - 1]), "wd": float(wd_schedule[it - 1]),
                "momentum": float(momentum_schedule[it - 1]), "teacher_temp": dino_loss.teacher_temp(epoch),
                "img_per_s": meter.img_per_s()}
-        if args.knn_every and (epoch + 1) % args.knn_every == 0:
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             with autocast:  # the features in the training precision, stored in fp32
                 log["knn_top1"] = eval_knn.monitor_top1(teacher.backbone, *knn_sets, device=device)
         history.append(log)
