@@ -42,8 +42,7 @@ import vit
 from head import DINOHead
 from loss import DINOLoss, koleo_loss
 
-# Recipes: the paper's (Sec. 3.2 "Implementation details") and a small one that learns on 2 CPU cores in minutes.
-# Every value can be overridden by its flag; the help of each flag prints both presets.
+# Recipes: the paper's (Sec. 3.2) and a small one that learns on 2 CPU cores in minutes; each value has its flag.
 PRESETS = {
     "paper": dict(arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=True, use_bn_in_head=False,
                   momentum_teacher=0.996, centering="ema", koleo_weight=0.0, center_momentum=0.9,
@@ -109,13 +108,11 @@ HELP = {
                         "off by default for the ablations --no_centering, --no_sharpening, --momentum_teacher 0.",
     "num_workers": "Data loading processes per training process (0 on 2 cores: workers would take the step's cores).",
     "optimizer": "adamw (the paper's, for ViTs), or for a convnet sgd (momentum 0.9) or lars (large batches).",
-    "curriculum_epochs": "Speed lever, not the paper's: the first N epochs use the smaller crops of "
-                         "--curriculum_sizes, the rest --global_size/--local_size (a resolution curriculum, "
-                         "FastDINOv2; 0: off).",
+    "curriculum_epochs": "Speed lever, not the paper's: the first N epochs crop --curriculum_sizes, the rest "
+                         "--global_size/--local_size (a resolution curriculum, FastDINOv2; 0: off).",
     "curriculum_sizes": "Global and local crop sides in pixels during the first --curriculum_epochs epochs.",
-    "patch_drop": "Speed lever, not the paper's: the fraction of patch tokens the student drops from its global "
-                  "views (the teacher sees them whole; Masked Siamese Networks), from the first epoch to the last, "
-                  "linearly (0 0: off).",
+    "patch_drop": "Speed lever, not the paper's: the share of its global views' patches the student drops (MSN), "
+                  "at the first and the last epoch, linear between; the teacher sees all (0 0: off).",
 }
 # changing these on resume would silently change the schedules or the model
 SCHEDULE_KEYS = ["arch", "patch_size", "depth", "out_dim", "use_bn_in_head", "epochs", "batch_size", "world_size",
@@ -134,8 +131,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, help="Recipe the other flags default to (cpu for the embedded "
                    "data, paper for an image folder); explicit flags override it.")
-    # One flag per key of PRESETS (--arch, --patch, --out_dim, ..., --lr, --epochs, ...), with the help of HELP and
-    # both presets' values; its default (None here) is filled in from the chosen preset below.
+    # One flag per key of PRESETS, its help from HELP with both presets' values; default None: the preset's, below.
     for k, v in PRESETS["paper"].items():
         names = {"patch_size": ["--patch", "--patch_size"], "batch_size": ["--batch_size", "--batch_size_per_gpu"]}
         also = f"; paper with a ResNet: {PAPER_RESNET[k]}" if k in PAPER_RESNET else ""
@@ -184,10 +180,9 @@ def get_args(argv=None):
     for size in (args.global_size, args.local_size, *(args.curriculum_sizes if args.curriculum_epochs else ())):
         if size % args.patch_size and args.arch not in vit.RESNETS:  # a ResNet has no patches
             raise UserError(f"--patch {args.patch_size} does not divide the crop size {size}")
-    if any(args.patch_drop) and args.arch in vit.RESNETS:
-        raise UserError(f"--patch_drop needs a ViT's patch tokens; {args.arch} has none (use --patch_drop 0 0)")
-    if not all(0 <= r < 1 for r in args.patch_drop):
-        raise UserError(f"--patch_drop {' '.join(map(str, args.patch_drop))}: each fraction must be in [0, 1)")
+    if not all(0 <= r < 1 for r in args.patch_drop) or (any(args.patch_drop) and args.arch in vit.RESNETS):
+        raise UserError(f"--patch_drop {' '.join(map(str, args.patch_drop))}: each fraction must be in [0, 1), and "
+                        "0 0 for a ResNet (it has no patches to drop)")
     if args.centering not in ("ema", "sinkhorn"):
         raise UserError(f"unknown --centering {args.centering} (ema or sinkhorn)")
     if args.arch not in vit.ARCHS and args.arch not in vit.RESNETS:
@@ -257,10 +252,11 @@ class MultiCropWrapper(nn.Module):
             end = start + 1
             while end < len(crops) and crops[end].shape == crops[start].shape and (end != 2 or not drop_ratio):
                 end += 1  # a run of crops of one size; the 2 global ones run alone when they drop patches
-            # drop_ratio: the student's 2 global views lose that fraction of their patch tokens (vit.drop_patches)
-            ratio = drop_ratio if start == 0 else 0.0
             x = torch.cat(crops[start:end])  # (n_crops_of_this_size·B, 3, H, W)
-            feats.append(self.backbone(x, drop_ratio=ratio) if ratio else self.backbone(x))  # (n·B, D)
+            if start == 0 and drop_ratio:  # the student's 2 global views lose patch tokens (vit.drop_patches)
+                feats.append(self.backbone(x, drop_ratio=drop_ratio))  # (2·B, D)
+            else:
+                feats.append(self.backbone(x))  # (n_crops_of_this_size·B, D)
             start = end
         feats = torch.cat(feats)  # (n_crops·B, D) backbone [CLS] features, crops stacked view by view
         return (self.head(feats), feats) if return_features else self.head(feats)  # head: (n_crops·B, K)
@@ -283,14 +279,12 @@ def cosine_schedule(base, final, epochs, niter_per_ep, warmup_epochs=0, start_wa
 
 
 def crop_sizes(args, epoch):
-    """(global, local) crop sides of this epoch: smaller during the first --curriculum_epochs (a resolution
-    curriculum, FastDINOv2, Roth et al. 2025), the full sizes after; the position embeddings are interpolated."""
+    """(global, local) crop sides of this epoch: --curriculum_sizes in the first --curriculum_epochs (FastDINOv2)."""
     return tuple(args.curriculum_sizes) if epoch < args.curriculum_epochs else (args.global_size, args.local_size)
 
 
 def patch_drop_ratio(args, epoch):
-    """The fraction of patch tokens the student drops from its global views in this epoch: --patch_drop's first
-    value at epoch 0, its second at the last epoch, linear in between (Masked Siamese Networks, Assran et al. 2022)."""
+    """The share of patches the student drops from its global views: --patch_drop's first to last value, linear."""
     first, last = args.patch_drop
     return first + (last - first) * epoch / max(args.epochs - 1, 1)
 
