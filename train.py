@@ -1,6 +1,6 @@
 """DINO training: a student learns to match a momentum teacher across multi-crop views (paper Alg. 1, Sec. 3).
 
-    python train.py                                   # CPU recipe on the embedded dataset: 7-23 min on 2 cores, by CPU
+    python train.py                                   # CPU recipe on the embedded data: 2.5 min on 2 cores (bf16)
     python train.py --data /path/to/images            # the paper recipe on an image folder (one GPU)
     torchrun --nproc_per_node=8 train.py --arch vit_small --patch 16 --data /path/imagenet/train
 
