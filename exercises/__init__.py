@@ -70,7 +70,9 @@ EXERCISES = {
         "Sec. 3.1 'Network architecture', App."),
     "multicrop": Exercise(6, "ex6_multicrop.py", {"forward": "train:MultiCropWrapper.forward"}, (
         EX + "test_multicrop_wrapper_runs_the_backbone_once_per_resolution_and_keeps_the_view_order",
-        TRAIN + "test_teacher_gets_no_gradients_and_sees_only_the_global_crops"), "Sec. 3.1 'Multi-crop', App."),
+        TRAIN + "test_teacher_gets_no_gradients_and_sees_only_the_global_crops",
+        TRAIN + "test_only_the_students_global_views_drop_patches_the_teacher_sees_them_whole"),
+        "Sec. 3.1 'Multi-crop', App."),
     "knn": Exercise(7, "ex7_knn.py", {"knn_classifier": "eval_knn:knn_classifier"}, (
         KNN + "test_temperature_decides_between_the_nearest_neighbour_and_the_majority",
         KNN + "test_top5_counts_only_k_predictions_when_k_is_below_5",
