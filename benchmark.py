@@ -459,40 +459,42 @@ def print_matmul_only(res):
           f"({mm / s:.0%}); with nothing else to do the step would reach MFU {res['matmul_only_mfu']:.2f}")
 
 
+QUICK = ["--epochs", "6", "--curriculum_epochs", "3", "--patch_drop", "0.5", "0.5"]  # docs/cpu_recipe.md
+
+
 def cpu_preset_steps(a, device, precision, peaks, peak):
-    """The cpu preset's step with its speed levers off (full-size crops, whole views: every step before them), then
-    as each epoch of `python train.py` runs it (the curriculum's crop sizes, that epoch's patch-drop ratio)."""
+    """The cpu preset's step (what `python train.py` runs), then, epoch by epoch, the same with the speed levers of
+    docs/cpu_recipe.md (QUICK: 6 epochs, the first 3 at 48/24 px, the student dropping half its global patches)."""
     cpu = train.get_args(["--preset", "cpu"])
     print(f"\nthe cpu preset's step: {cpu.arch}/{cpu.patch_size} depth {cpu.depth}, {cpu.batch_size} images x "
           f"(2x{cpu.global_size} + {cpu.local_crops_number}x{cpu.local_size}), K {cpu.out_dim}, KoLeo "
-          f"{cpu.koleo_weight}; speed levers off (--curriculum_epochs 0 --patch_drop 0 0)")
-    off = train.get_args(["--preset", "cpu", "--curriculum_epochs", "0", "--patch_drop", "0", "0"])
-    ores, orows, ogflop = time_steps(off, a, device, precision, peaks, peak, profile=False)
-    print_rows(orows, ogflop, off.batch_size, peaks)
-    print_matmul_only(ores)
-    if "speedup" in ores:
-        print(f"our step is {ores['speedup']:.2f}x faster than the official one")
-    print(f"\nthe cpu preset as `python train.py` runs it, epoch by epoch:\n{'epoch':>5}{'crops':>12}{'drop':>6}"
+          f"{cpu.koleo_weight}")
+    cres, crows, cgflop = time_steps(cpu, a, device, precision, peaks, peak, profile=False)
+    print_rows(crows, cgflop, cpu.batch_size, peaks)
+    print_matmul_only(cres)
+    if "speedup" in cres:
+        print(f"our step is {cres['speedup']:.2f}x faster than the official one")
+    quick = train.get_args(["--preset", "cpu", *QUICK])
+    print(f"\nwith the speed levers ({' '.join(QUICK)}), epoch by epoch:\n{'epoch':>5}{'crops':>12}{'drop':>6}"
           f"{'step s':>8}{'img/s':>7}{'GFLOP/img':>10}{'MFU':>6}")
     epochs = []
-    for e in range(cpu.epochs):
-        r = time_steps(cpu, a, device, precision, peaks, peak, profile=False, epoch=e, baseline=False)[0]
-        g, loc = train.crop_sizes(cpu, e)
-        print(f"{e:>5}{f'{g}/{loc} px':>12}{train.patch_drop_ratio(cpu, e):>6.2f}{r['step_s']:>8.3f}"
-              f"{r['img_per_s']:>7.1f}{r['gflop_per_step'] / cpu.batch_size:>10.2f}{r['mfu']:>6.2f}")
+    for e in range(quick.epochs):
+        r = time_steps(quick, a, device, precision, peaks, peak, profile=False, epoch=e, baseline=False)[0]
+        g, loc = train.crop_sizes(quick, e)
+        print(f"{e:>5}{f'{g}/{loc} px':>12}{train.patch_drop_ratio(quick, e):>6.2f}{r['step_s']:>8.3f}"
+              f"{r['img_per_s']:>7.1f}{r['gflop_per_step'] / quick.batch_size:>10.2f}{r['mfu']:>6.2f}")
         epochs.append(r)
     step_s = statistics.mean(r["step_s"] for r in epochs)  # every epoch has the same number of steps
     gflop = statistics.mean(r["gflop_per_step"] for r in epochs)
-    print(f"mean over the run: {step_s:.3f} s a step, {cpu.batch_size / step_s:.1f} img/s, "
-          f"{gflop / cpu.batch_size:.2f} GFLOP an image, MFU {gflop / step_s / peaks[precision]:.2f}; levers off: "
-          f"{ores['step_s']:.3f} s, {ogflop / off.batch_size:.2f} GFLOP an image ({ores['step_s'] / step_s:.2f}x "
-          f"the time, {ogflop / gflop:.2f}x the FLOPs)")
-    res = {f"cpu_preset_levers_off_{k}": v for k, v in ores.items() if k != "step_times"}
-    res.update(cpu_preset_step_s=step_s, cpu_preset_img_per_s=cpu.batch_size / step_s,
-               cpu_preset_gflop_per_image=gflop / cpu.batch_size,
-               cpu_preset_mfu=gflop / step_s / peaks[precision],
-               cpu_preset_levers_off_gflop_per_image=ogflop / off.batch_size,
-               cpu_preset_epoch_step_s=[round(r["step_s"], 4) for r in epochs])
+    run = quick.epochs * step_s / (cpu.epochs * cres["step_s"])
+    print(f"mean: {step_s:.3f} s a step, {quick.batch_size / step_s:.1f} img/s, {gflop / quick.batch_size:.2f} GFLOP "
+          f"an image, MFU {gflop / step_s / peaks[precision]:.2f} (the preset: {cres['step_s']:.3f} s, "
+          f"{cgflop / cpu.batch_size:.2f} GFLOP an image); the run's steps take {run:.2f}x the preset's")
+    res = {f"cpu_preset_{k}": v for k, v in cres.items()}
+    res.update(cpu_preset_gflop_per_image=cgflop / cpu.batch_size, cpu_levers_step_s=step_s,
+               cpu_levers_img_per_s=quick.batch_size / step_s, cpu_levers_gflop_per_image=gflop / quick.batch_size,
+               cpu_levers_mfu=gflop / step_s / peaks[precision], cpu_levers_run_steps_ratio=run,
+               cpu_levers_epoch_step_s=[round(r["step_s"], 4) for r in epochs])
     return res
 
 

@@ -1,6 +1,6 @@
 """DINO training: a student learns to match a momentum teacher across multi-crop views (paper Alg. 1, Sec. 3).
 
-    python train.py                                   # CPU recipe on the embedded data: 2.5 min on 2 cores (bf16)
+    python train.py                                   # CPU recipe on the embedded data: 5-12 min on 2 cores (bf16)
     python train.py --data /path/to/images            # the paper recipe on an image folder (one GPU)
     torchrun --nproc_per_node=8 train.py --arch vit_small --patch 16 --data /path/imagenet/train
 
@@ -56,12 +56,12 @@ PRESETS = {
     "cpu": dict(arch="vit_tiny", patch_size=8, out_dim=256, norm_last_layer=True, use_bn_in_head=False,
                 momentum_teacher=0.95, centering="ema", koleo_weight=0.1, center_momentum=0.0,
                 warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=0,
-                weight_decay=0.04, weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=6,
+                weight_decay=0.04, weight_decay_end=0.1, clip_grad=3.0, batch_size=64, epochs=8,
                 freeze_last_layer=0, lr=0.002, warmup_epochs=1, min_lr=1e-5, drop_path_rate=0.0,
                 global_crops_scale=(0.4, 1.0), local_crops_number=4, local_crops_scale=(0.05, 0.4),
                 global_size=64, local_size=32, blur_radius=(0.1, 0.45), color_jitter=1.0, depth=4, knn_every=2,
-                num_workers=0, stop_on_collapse=True, curriculum_epochs=3, curriculum_sizes=(48, 24),
-                patch_drop=(0.5, 0.5), optimizer="adamw"),
+                num_workers=0, stop_on_collapse=True, curriculum_epochs=0, curriculum_sizes=(48, 24),
+                patch_drop=(0.0, 0.0), optimizer="adamw"),
 }
 # --preset paper with a ResNet (--arch resnet50): the official README's ResNet-50 recipe, in place of those values
 PAPER_RESNET = dict(optimizer="sgd", lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4,

@@ -58,8 +58,8 @@ print(f"{datetime.date.today()}, {r['device_name']}, torch {__import__('torch').
       f"official as shipped ({r.get('baseline_precision', '-')}) {r.get('baseline_img_per_s', 0):.0f} img/s, MFU "
       f"{r.get('baseline_mfu', 0):.2f}, {mb('baseline_peak_mem_mb') if 'baseline_peak_mem_mb' in r else '-'}; "
       f"ours {r.get('speedup', 0):.2f}x faster." + (f" The cpu preset's step: ours {r['cpu_preset_img_per_s']:.0f} "
-      f"img/s over the run, {r['cpu_preset_levers_off_img_per_s']:.0f} with its speed levers off (official "
-      f"{r.get('cpu_preset_levers_off_baseline_img_per_s', 0):.0f})." if "cpu_preset_img_per_s" in r else ""))
+      f"img/s, official {r.get('cpu_preset_baseline_img_per_s', 0):.0f} img/s; with the speed levers "
+      f"{r['cpu_levers_img_per_s']:.0f} img/s." if "cpu_preset_img_per_s" in r else ""))
 EOF
 echo "gpu_check: exit code $status; files in $dest" | tee -a "$log"
 exit "$status"
