@@ -328,3 +328,9 @@ def test_a_run_stopped_mid_curriculum_resumes_to_the_same_teacher(folder, tmp_pa
     train.main(train.get_args(tiny_args(folder, tmp_path / "resumed", *levers, "--stop_after_epoch", "0")))
     train.main(train.get_args(tiny_args(folder, tmp_path / "resumed", *levers)))
     assert_same_weights(teacher_of(tmp_path / "straight"), teacher_of(tmp_path / "resumed"))
+
+
+def test_the_online_knn_runs_every_n_epochs_and_after_the_last(folder, tmp_path):
+    train.main(train.get_args(tiny_args(folder, tmp_path, "--epochs", "3", "--knn_every", "2")))
+    logs = [json.loads(line) for line in open(tmp_path / "log.txt")]
+    assert ["knn_top1" in log for log in logs] == [False, True, True]
