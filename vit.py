@@ -170,7 +170,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x, drop_ratio=0.0):
         x = self.prepare_tokens(x)
-        if drop_ratio:  # a speed lever of the cpu preset, not the paper's (docs/cpu_recipe.md)
+        if drop_ratio:  # a speed lever, not the paper's, off in both presets (docs/cpu_recipe.md)
             x = drop_patches(x, drop_ratio)
         for blk in self.blocks:
             x = blk(x)

@@ -5,7 +5,7 @@ Write `forward` below; it replaces `MultiCropWrapper.forward` of train.py, the n
 both the student and the teacher are. train.py calls it as
     teacher_output = teacher(crops[:2])                   # (2·B, K): the teacher sees the 2 global views only
     student_output, features = student(crops, return_features=True,   # (V·B, K): the student sees all V views
-                                       drop_ratio=...)                # the cpu preset's patch dropping
+                                       drop_ratio=...)                # --patch_drop's share this epoch
 (V = 2 + local_crops_number; the features feed the optional KoLeo term, --koleo_weight).
 Check it:  python -m pytest --exercise multicrop
 """
@@ -22,7 +22,7 @@ def forward(self, crops, return_features=False, drop_ratio=0.0):
         self.head              the DINO head: (n, D) -> (n, K)
         returns      (V·B, K)  stacked view by view: rows v·B ... v·B+B-1 are view v (the order the loss reads);
                      with return_features, the pair (that, the (V·B, D) backbone features in the same order)
-        drop_ratio   a speed lever of the cpu preset, not the paper's (0: off): when > 0, the 2 global views go
+        drop_ratio   a speed lever (--patch_drop), not the paper's (0: off): when > 0, the 2 global views go
                      through self.backbone(x, drop_ratio=drop_ratio) in a call of their own (it drops that share
                      of their patch tokens), the other views as usual
 

@@ -281,7 +281,7 @@ def test_loader_workers_give_the_batches_of_the_main_process(folder, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(main, worker))
 
 
-# ---- the cpu preset's speed levers: a resolution curriculum and student patch dropping (off in --preset paper) ----
+# ---- the speed levers: a resolution curriculum and student patch dropping (flags, off in both presets) ----
 def test_the_speed_levers_are_off_unless_asked_for():
     for preset in ("paper", "cpu"):  # they change the method: a flag turns each on (docs/cpu_recipe.md)
         args = train.get_args(["--preset", preset])
