@@ -264,3 +264,17 @@ def load_released(name, progress=True):
 def _first_line(e):
     text = str(e).strip()
     return (text.splitlines()[0][:160] if text else "") or type(e).__name__
+
+
+def kept(path):
+    """What a run stopped by a failed write can resume from, in words (read without loading the weights)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        done = [h["epoch"] for h in ckpt["history"]]
+        if ckpt["epoch_sums"] is None and done:
+            return f"the checkpoint of epoch {done[-1]} is kept"
+        return f"the checkpoint of epoch {ckpt['epoch']}, iteration {ckpt['iteration']} is kept"
+    except FileNotFoundError:
+        return "no checkpoint was saved yet"
+    except Exception:  # not ours, or unreadable: it is still untouched
+        return f"{path} is kept as it was"

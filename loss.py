@@ -132,3 +132,8 @@ def koleo_loss(features, eps=1e-8):
         nearest = dots.argmax(dim=1)  # (n,) index of each image's nearest neighbour
     return -torch.log(F.pairwise_distance(x, x[nearest], eps=eps) + eps).mean()
 
+
+def collapse_kind(entropy, out_dim):
+    """Fig. 7: a mean teacher entropy near 0 is the collapse to one dimension, near log K the collapse to uniform."""
+    log_k = math.log(out_dim)
+    return "one-hot" if entropy < 0.05 * log_k else "uniform" if entropy > 0.98 * log_k else None

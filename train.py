@@ -40,7 +40,7 @@ import eval_knn
 import exercises
 import vit
 from head import DINOHead
-from loss import DINOLoss, koleo_loss
+from loss import DINOLoss, collapse_kind, koleo_loss
 
 # Recipes: the paper's (Sec. 3.2) and a small one that learns on 2 CPU cores in minutes; each value has its flag.
 PRESETS = {
@@ -52,7 +52,7 @@ PRESETS = {
                   global_crops_scale=(0.4, 1.0), local_crops_number=10, local_crops_scale=(0.05, 0.4),
                   global_size=224, local_size=96, blur_radius=(0.1, 2.0), color_jitter=1.0, depth=12, knn_every=0,
                   num_workers=10, stop_on_collapse=False, curriculum_epochs=0, curriculum_sizes=(224, 96),
-                  patch_drop=(0.0, 0.0), optimizer="adamw"),
+                  patch_drop=(0.0, 0.0), optimizer="adamw", teacher="momentum"),
     "cpu": dict(arch="vit_tiny", patch_size=8, out_dim=256, norm_last_layer=True, use_bn_in_head=False,
                 momentum_teacher=0.95, centering="ema", koleo_weight=0.1, center_momentum=0.0,
                 warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=0,
@@ -61,7 +61,7 @@ PRESETS = {
                 global_crops_scale=(0.4, 1.0), local_crops_number=4, local_crops_scale=(0.05, 0.4),
                 global_size=64, local_size=32, blur_radius=(0.1, 0.45), color_jitter=1.0, depth=4, knn_every=2,
                 num_workers=0, stop_on_collapse=True, curriculum_epochs=0, curriculum_sizes=(48, 24),
-                patch_drop=(0.0, 0.0), optimizer="adamw"),
+                patch_drop=(0.0, 0.0), optimizer="adamw", teacher="momentum"),
 }
 # --preset paper with a ResNet (--arch resnet50): the official README's ResNet-50 recipe, in place of those values
 PAPER_RESNET = dict(optimizer="sgd", lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4,
@@ -113,13 +113,17 @@ HELP = {
     "curriculum_sizes": "Global and local crop sides in pixels during the first --curriculum_epochs epochs.",
     "patch_drop": "Speed lever, not the paper's: the share of its global views' patches the student drops (MSN), "
                   "at the first and the last epoch, linear between; the teacher sees all (0 0: off).",
+    "teacher": "Fig. 6's teachers: momentum (the EMA of the student, DINO's), student (a copy of it each step), "
+               "previous_iter (the student before this step) or previous_epoch (the student at the last epoch's end).",
 }
+TEACHERS = ("momentum", "student", "previous_iter", "previous_epoch")
 # changing these on resume would silently change the schedules or the model
 SCHEDULE_KEYS = ["arch", "patch_size", "depth", "out_dim", "use_bn_in_head", "epochs", "batch_size", "world_size",
                  "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher", "centering",
                  "koleo_weight", "center_momentum", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
                  "freeze_last_layer", "local_crops_number", "color_jitter", "data", "global_size", "local_size", "seed",
-                 "no_centering", "no_sharpening", "optimizer", "curriculum_epochs", "curriculum_sizes", "patch_drop"]
+                 "no_centering", "no_sharpening", "optimizer", "curriculum_epochs", "curriculum_sizes", "patch_drop",
+                 "teacher"]
 
 
 class UserError(Exception):
@@ -165,7 +169,8 @@ def get_args(argv=None):
     p.add_argument("--log_every", default=10, type=int, help="Iterations between progress-bar updates.")
     args = p.parse_args(argv)
     args.preset = args.preset or ("cpu" if args.data in data.VARIANTS else "paper")
-    ablation = args.no_centering or args.no_sharpening or args.momentum_teacher == 0
+    ablation = args.no_centering or args.no_sharpening or args.momentum_teacher == 0 or \
+        args.teacher not in (None, "momentum")  # Fig. 6's other teachers
     if args.stop_on_collapse is None and ablation:  # an ablation is run to watch the collapse happen
         args.stop_on_collapse = False
     resnet = {} if args.arch not in vit.RESNETS else {"patch_drop": (0.0, 0.0),  # a ViT lever; the official recipe
@@ -187,6 +192,8 @@ def get_args(argv=None):
         raise UserError(f"unknown --centering {args.centering} (ema or sinkhorn)")
     if args.arch not in vit.ARCHS and args.arch not in vit.RESNETS:
         raise UserError(f"unknown --arch {args.arch} (choose from {', '.join(vit.ARCHS)} or a ResNet: resnet50, ...)")
+    if args.teacher not in TEACHERS:
+        raise UserError(f"unknown --teacher {args.teacher} (choose from {', '.join(TEACHERS)})")
     if args.optimizer not in ("adamw", "sgd", "lars"):
         raise UserError(f"unknown --optimizer {args.optimizer} (choose from adamw, sgd, lars)")
     if args.precision == "fp16" and not torch.cuda.is_available():
@@ -359,11 +366,15 @@ def train_one_step(student, teacher, dino_loss, optimizer, scaler, autocast, cro
     if epoch < args.freeze_last_layer:  # "freezing the last layer during the first epoch helps" (App.)
         for p in net.head.last_layer.parameters():
             p.grad = None
+    teacher_params, student_params = list(teacher.parameters()), list(net.parameters())
+    if args.teacher == "previous_iter":  # Fig. 6: the next step's teacher is the student before this step (m = 0)
+        update_teacher(teacher_params, student_params, momentum)
     # AdamW step of the student (the scaler is a no-op unless --precision fp16)
     scaler.step(optimizer)
     scaler.update()
-    # Alg. 1: gt.params = l * gt.params + (1 - l) * gs.params, the momentum teacher
-    update_teacher(list(teacher.parameters()), list(net.parameters()), momentum)
+    # Alg. 1: gt.params = l * gt.params + (1 - l) * gs.params, the momentum teacher (--teacher student: m = 0)
+    if args.teacher in ("momentum", "student"):
+        update_teacher(teacher_params, student_params, momentum)
     # --- end of DINO step ---
     return loss.detach()
 
@@ -412,8 +423,8 @@ def main(args):
                                   args.warmup_epochs)  # "linear scaling rule: lr = 0.0005 * batchsize/256"
     wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep)
     momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, niter_per_ep)
-    if args.momentum_teacher == 0:  # ablation (Table 6 "student copy"): the teacher is the student, every step
-        momentum_schedule[:] = 0.0
+    if args.momentum_teacher == 0 or args.teacher != "momentum":  # Fig. 6's other teachers copy the student (m = 0)
+        momentum_schedule[:] = 1.0 if args.teacher == "previous_epoch" else 0.0  # ... or only at epoch ends (below)
 
     # ============ the loop: one DINO step per batch, then the epoch's log and checkpoint ============
     # re-running in the same --output_dir resumes from its checkpoint.pth, mid-epoch included
@@ -429,6 +440,8 @@ def main(args):
     args.num_workers = loader_workers(args.num_workers, rank)
     for epoch in range(it // niter_per_ep, args.epochs):
         done = it - epoch * niter_per_ep  # iterations of this epoch already run (mid-epoch resume)
+        if args.teacher == "previous_epoch" and done == 0:  # Fig. 6: the student as the last epoch left it
+            update_teacher(list(teacher.parameters()), list(student.parameters()), 0.0)
         loader = epoch_loader(dataset, sampler, epoch, done, args, device)
         meter = EpochMeter(device, resumed_sums if done else None)  # resumed midway: the log covers the whole epoch
         resumed_sums = None
@@ -455,8 +468,9 @@ def main(args):
                "momentum": float(momentum_schedule[it - 1]), "teacher_temp": dino_loss.teacher_temp(epoch),
                "img_per_s": meter.img_per_s()}
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            with autocast:  # the features in the training precision, stored in fp32
+            with autocast:  # the features in the training precision, stored in fp32; the student too (Fig. 6)
                 log["knn_top1"] = eval_knn.monitor_top1(teacher.backbone, *knn_sets, device=device)
+                log["knn_top1_student"] = eval_knn.monitor_top1(student.backbone, *knn_sets, device=device)
         history.append(log)
         # checkpoint.pth, then log.txt rewritten from its history; a collapsed teacher stops the run with advice
         save_epoch(training_state(parts, it, niter_per_ep, args, history, None), log, args, rank)
@@ -643,28 +657,8 @@ def stopping_on_write_errors(output_dir):
                   errno.EPERM: f"make {output_dir} writable", errno.EROFS: f"make {output_dir} writable"}
         ckpt_path = os.path.join(output_dir, "checkpoint.pth")
         again = "resume" if os.path.isfile(ckpt_path) else "start"
-        raise UserError(f"{e}; {kept_checkpoint(ckpt_path)}; {advice.get(e.errno, 'fix that')} and re-run to "
+        raise UserError(f"{e}; {checkpoint.kept(ckpt_path)}; {advice.get(e.errno, 'fix that')} and re-run to "
                         f"{again}") from None
-
-
-def kept_checkpoint(path):
-    """What a run stopped by a failed write can resume from, in words (read without loading the weights)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        done = [h["epoch"] for h in ckpt["history"]]
-        if ckpt["epoch_sums"] is None and done:
-            return f"the checkpoint of epoch {done[-1]} is kept"
-        return f"the checkpoint of epoch {ckpt['epoch']}, iteration {ckpt['iteration']} is kept"
-    except FileNotFoundError:
-        return "no checkpoint was saved yet"
-    except Exception:  # not ours, or unreadable: it is still untouched
-        return f"{path} is kept as it was"
-
-
-def collapse_kind(entropy, out_dim):
-    """Fig. 7: a mean teacher entropy near 0 is the collapse to one dimension, near log K the collapse to uniform."""
-    log_k = math.log(out_dim)
-    return "one-hot" if entropy < 0.05 * log_k else "uniform" if entropy > 0.98 * log_k else None
 
 
 COLLAPSE_ADVICE = {

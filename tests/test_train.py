@@ -228,6 +228,7 @@ def test_two_nodes_of_one_process_each_train_one_run_whose_checkpoint_evaluates(
     (["--local_size", "64", "--global_size", "32"], "larger than --global_size"),
     (["--patch", "16", "--global_size", "40"], "does not divide"),
     (["--arch", "vit_huge"], "unknown --arch"),
+    (["--teacher", "ema"], "unknown --teacher"),
     (["--patch_drop", "1", "0"], "must be in [0, 1)"),
     (["--curriculum_epochs", "2", "--curriculum_sizes", "36", "24"], "does not divide"),
     (["--data", "/no/such/folder"], "not found"),
@@ -334,3 +335,50 @@ def test_the_online_knn_runs_every_n_epochs_and_after_the_last(folder, tmp_path)
     train.main(train.get_args(tiny_args(folder, tmp_path, "--epochs", "3", "--knn_every", "2")))
     logs = [json.loads(line) for line in open(tmp_path / "log.txt")]
     assert ["knn_top1" in log for log in logs] == [False, True, True]
+    assert ["knn_top1_student" in log for log in logs] == [False, True, True]  # Fig. 6 (left): the two side by side
+
+
+# ============ Fig. 6 (right): the teachers ============
+def recorded_steps(monkeypatch):
+    """(student before, student after, teacher after) of every step main runs, each as one flat vector."""
+    steps, step = [], train.train_one_step
+    flat = lambda net: torch.cat([p.detach().flatten() for p in net.parameters()]).clone()
+
+    def recording(student, teacher, *args):
+        before = flat(student)
+        loss = step(student, teacher, *args)
+        steps.append((before, flat(student), flat(teacher)))
+        return loss
+    monkeypatch.setattr(train, "train_one_step", recording)
+    return steps
+
+
+def test_the_previous_iteration_teacher_is_the_student_before_the_step(folder, tmp_path, monkeypatch):
+    steps = recorded_steps(monkeypatch)
+    train.main(train.get_args(tiny_args(folder, tmp_path, "--teacher", "previous_iter")))
+    assert len(steps) == 8 and all(torch.equal(teacher, before) for before, _, teacher in steps)
+    assert not any(torch.equal(after, before) for before, after, _ in steps[1:])  # step 0 has lr 0 (warm-up)
+
+
+def test_the_student_copy_teacher_is_the_student_after_each_step(folder, tmp_path, monkeypatch):
+    steps = recorded_steps(monkeypatch)
+    train.main(train.get_args(tiny_args(folder, tmp_path, "--teacher", "student")))
+    assert all(torch.equal(teacher, after) for _, after, teacher in steps)
+
+
+def test_the_previous_epoch_teacher_changes_only_at_epoch_ends(folder, tmp_path, monkeypatch):
+    steps = recorded_steps(monkeypatch)
+    train.main(train.get_args(tiny_args(folder, tmp_path, "--teacher", "previous_epoch", "--epochs", "3")))
+    per_epoch = len(steps) // 3  # 4 steps an epoch
+    for epoch in range(3):
+        start = steps[0][0] if epoch == 0 else steps[epoch * per_epoch - 1][1]  # the student as the epoch began
+        assert all(torch.equal(teacher, start) for _, _, teacher in steps[epoch * per_epoch:(epoch + 1) * per_epoch])
+    assert not torch.equal(steps[0][0], steps[per_epoch - 1][1])  # and the student did move
+
+
+def test_a_previous_epoch_teacher_run_stopped_after_an_epoch_resumes_to_the_same_teacher(folder, tmp_path):
+    teacher = ["--teacher", "previous_epoch", "--epochs", "3"]
+    train.main(train.get_args(tiny_args(folder, tmp_path / "straight", *teacher)))
+    train.main(train.get_args(tiny_args(folder, tmp_path / "resumed", *teacher, "--stop_after_epoch", "1")))
+    train.main(train.get_args(tiny_args(folder, tmp_path / "resumed", *teacher)))
+    assert_same_weights(teacher_of(tmp_path / "straight"), teacher_of(tmp_path / "resumed"))
