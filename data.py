@@ -33,7 +33,7 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 # ============ drawing the embedded images ============
 MAX_TILT = np.deg2rad(25)  # how far an object may lean from upright
@@ -300,6 +300,21 @@ def class_balanced_indices(targets, n):
     all land on even indices, i.e. on 5 of the 10 classes.)"""
     by_class = np.argsort(np.asarray(targets), kind="stable")  # class 0's indices, then class 1's, ...
     return sorted(by_class[np.linspace(0, len(targets) - 1, n).round().astype(int)].tolist())
+
+
+def labels_per_class(dataset, n, seed=0):
+    """The few-labels protocol: `n` training images of every class, a fixed choice drawn with `seed` (the same images
+    in eval_knn.py and eval_linear.py); the val set is never reduced. n < 1 or more than a class has: DataError."""
+    targets = np.asarray(dataset.targets)
+    if n < 1:
+        raise DataError(f"--labels_per_class {n}: give at least 1 image a class")
+    rng, chosen = np.random.default_rng(seed), []
+    for label, name in enumerate(dataset.classes):
+        own = np.flatnonzero(targets == label)  # this class's images
+        if len(own) < n:
+            raise DataError(f"--labels_per_class {n}: class '{name}' has only {len(own)} training images")
+        chosen += rng.choice(own, n, replace=False).tolist()
+    return Subset(dataset, sorted(chosen))
 
 
 def make_folder_dataset(root, n_train, n_val, seed=0, size=64, variant=DEFAULT_DATA):

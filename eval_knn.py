@@ -183,6 +183,8 @@ def get_args_parser():
                    "shape (seed 0) instead of its weights")
     p.add_argument("--raw_pixels", action="store_true", help="baseline: the flattened pixels of the evaluation view "
                    "as features (no network)")
+    p.add_argument("--labels_per_class", default=None, type=int, metavar="N", help="few labels: the labelled train "
+                   "set cut to N images a class (a fixed seeded choice, the same as eval_linear.py's); val untouched")
     p.add_argument("--dump_features", default=None, help="save the features and labels in this folder")
     p.add_argument("--load_features", default=None, help="folder of features saved by --dump_features: skip the model")
     return p
@@ -205,6 +207,8 @@ def run(args):
         data = args.data or saved.get("data") or data_lib.DEFAULT_DATA  # else the data it was trained on
         transform = augment.eval_transform(size)
         train_dataset = data_lib.build_dataset(data, "train", transform)
+        if args.labels_per_class is not None:
+            train_dataset = data_lib.labels_per_class(train_dataset, args.labels_per_class)
         val_dataset = data_lib.build_dataset(data, "val", transform)
         if rank == 0:
             what = "raw pixels" if args.raw_pixels else "random init" if args.random_init else \
@@ -234,6 +238,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.pretrained and not args.load_features:
         parser.error("a checkpoint is required (or --pretrained NAME, or --load_features DIR)")
+    if args.load_features and args.labels_per_class is not None:
+        parser.error("--labels_per_class chooses among the images: it cannot cut features loaded by --load_features")
     try:
         run(args)
     except (OSError, ValueError) as e:  # missing file, not a checkpoint, wrong arch, bad data folder: one line

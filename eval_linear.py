@@ -7,8 +7,11 @@ The backbone is frozen; only one linear layer is trained, with cross-entropy, on
 As the official code: weights ~ N(0, 0.01²), bias 0; SGD momentum 0.9, no weight decay, lr = lr·batch_total/256,
 cosine to 0 over the epochs (stepped per epoch); RandomResizedCrop + flip for training, resize + centre crop
 for validation. Paper (ImageNet, ViT-S/16, 800 epochs): 77.0% top-1 after 100 epochs.
+`--finetune` trains the backbone too (Table 6 fine-tunes DINO weights; the official code has none): AdamW as DeiT,
+weight decay 0.05, the backbone at a tenth of the layer's learning rate, on augmented images.
 
     python eval_linear.py OUT/checkpoint.pth                    # embedded data: cached features, seconds on a CPU
+    python eval_linear.py OUT/checkpoint.pth --finetune --labels_per_class 10    # fine-tuned on 10 images a class
     python eval_linear.py --pretrained dino_vitb16 --data /path/imagenet     # released weights (hub cache)
     python eval_linear.py dino_vitbase16_pretrain.pth --arch vit_base --patch 16 --data /path/imagenet
     python eval_linear.py --pretrained dino_resnet50 --data /path/imagenet   # the paper's ResNet-50: 75.3%
@@ -16,7 +19,8 @@ for validation. Paper (ImageNet, ViT-S/16, 800 epochs): 77.0% top-1 after 100 ep
 
 `--cache_features 1` (default on the embedded data) extracts the features of the un-augmented images once and
 trains on them: far faster, usually a little less accurate than the official augmented protocol (the default
-for an image folder). The trained layer is saved as `linear.pth`, the per-epoch log as `linear_log.txt`.
+for an image folder). The trained layer is saved as `linear.pth`, the per-epoch log as `linear_log.txt` (with
+--finetune: the whole network as `finetune.pth`, the log as `finetune_log.txt`).
 """
 import argparse
 import json
@@ -34,7 +38,7 @@ import checkpoint
 import data as data_lib
 import distributed
 import vit
-from eval_knn import extract_features  # frozen features, as k-NN takes them (sharded under torchrun)
+from eval_knn import extract_features, frozen_backbone  # features as k-NN takes them (sharded under torchrun)
 
 
 def block_features(model, images, n_last_blocks=4, avgpool_patchtokens=False):
@@ -62,6 +66,28 @@ class LinearClassifier(nn.Module):
 
     def forward(self, x):
         return self.linear(x.flatten(1))  # (B, num_labels)
+
+
+class FineTuned(nn.Module):
+    """--finetune: the backbone and the linear layer as one network, both trained: uint8 images -> logits."""
+
+    def __init__(self, backbone, features, linear):
+        super().__init__()
+        self.backbone, self.linear, self.features = backbone, linear, features  # features(normalised images)
+
+    def forward(self, images):
+        return self.linear(self.features(augment.normalize(images)))  # (B, num_labels)
+
+
+def finetune_optimizer(model, lr, backbone_lr_scale, weight_decay=0.05):
+    """AdamW as DeiT fine-tunes (decay on weight matrices only), the backbone at `backbone_lr_scale` x the layer's lr;
+    the layer's groups first (the lr that is logged)."""
+    groups = []
+    for part, part_lr in ((model.linear, lr), (model.backbone, lr * backbone_lr_scale)):
+        for decay in (True, False):
+            params = [p for p in part.parameters() if (p.ndim > 1) == decay]
+            groups.append({"params": params, "lr": part_lr, "weight_decay": weight_decay if decay else 0.0})
+    return torch.optim.AdamW(groups)
 
 
 class CachedFeatures:
@@ -112,14 +138,16 @@ def validate(linear, loader, embed, device):
     return {"loss": loss_sum / total, "acc1": 100.0 * correct1 / total, "acc5": acc5}
 
 
-def train_linear(linear, train_loader, val_loader, epochs, lr, device, embed=None, log=print, log_file=None):
+def train_linear(linear, train_loader, val_loader, epochs, lr, device, embed=None, log=print, log_file=None,
+                 optimizer=None):
     """Train the linear layer (SGD momentum 0.9, no weight decay, cosine from `lr` to 0 stepped per epoch).
 
-    `embed` maps a batch from the loaders to features (frozen backbone), identity for cached features.
+    `embed` maps a batch from the loaders to features (frozen backbone), identity for cached features (and for
+    --finetune, where `linear` is the FineTuned network and `optimizer` its AdamW).
     Validates after every epoch; returns (best top-1, last validation stats).
     """
     embed = embed or (lambda x: x)
-    optimizer = torch.optim.SGD(linear.parameters(), lr, momentum=0.9, weight_decay=0.0)
+    optimizer = optimizer or torch.optim.SGD(linear.parameters(), lr, momentum=0.9, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
     best_acc, stats, lines = 0.0, {}, []
     for epoch in range(epochs):
@@ -161,7 +189,16 @@ def get_args_parser():
     p.add_argument("--data", default=None, help=f"an embedded dataset ({', '.join(data_lib.VARIANTS)}) or a folder "
                    f"with train/ and val/ class folders; default: the data the checkpoint was trained on, else "
                    f"'{data_lib.DEFAULT_DATA}'")
-    p.add_argument("--epochs", default=100, type=int, help="training epochs of the linear layer (default: %(default)s)")
+    p.add_argument("--epochs", default=None, type=int, help="training epochs (default: 100, as official; 10 with "
+                   "--finetune, minutes on a CPU)")
+    p.add_argument("--finetune", action="store_true", help="train the backbone too (Table 6): AdamW, weight decay "
+                   "0.05, the backbone at --backbone_lr_scale x the lr, always on augmented images")
+    p.add_argument("--backbone_lr_scale", default=0.1, type=float, help="with --finetune: the backbone's learning "
+                   "rate as a share of the layer's (default: %(default)s)")
+    p.add_argument("--random_init", action="store_true", help="baseline: an untrained network of the checkpoint's "
+                   "shape (seed 0) instead of its weights")
+    p.add_argument("--labels_per_class", default=None, type=int, metavar="N", help="few labels: the labelled train "
+                   "set cut to N images a class (a fixed seeded choice, the same as eval_knn.py's); val untouched")
     p.add_argument("--lr", default=0.001, type=float, help="learning rate for a total batch of 256, scaled linearly "
                    "with the batch size; worth tuning per checkpoint, as the official code advises (default: "
                    "%(default)s)")
@@ -189,8 +226,9 @@ def run(args):
     rank, world, device = distributed.init()
     log = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    model, saved = vit.from_args(args)  # a checkpoint file, or --pretrained NAME
-    model.to(device).eval().requires_grad_(False)
+    model, saved = frozen_backbone(args, device)  # a checkpoint file or --pretrained NAME (--random_init: untrained)
+    model.requires_grad_(args.finetune)  # frozen, unless fine-tuned
+    epochs = args.epochs or (10 if args.finetune else 100)
     is_base, is_vit = saved["arch"] == "vit_base", saved["arch"] not in vit.RESNETS
     n = args.n_last_blocks or (1 if is_base else 4)
     avgpool = bool(is_base if args.avgpool_patchtokens is None else args.avgpool_patchtokens)
@@ -199,15 +237,20 @@ def run(args):
     size = checkpoint.eval_image_size(args.image_size, saved)
     data = args.data or saved.get("data") or data_lib.DEFAULT_DATA  # else the data it was trained on
     cache = bool(data in data_lib.VARIANTS if args.cache_features is None else args.cache_features)
+    if args.finetune and args.cache_features:
+        raise ValueError("--finetune trains the backbone: its features cannot be cached (leave out --cache_features)")
+    cache = cache and not args.finetune
     val_tf = augment.eval_transform(size)
     train_dataset = data_lib.build_dataset(data, "train", val_tf if cache else train_transform(size))
     val_dataset = data_lib.build_dataset(data, "val", val_tf)
     num_labels = len(train_dataset.classes)
+    if args.labels_per_class is not None:
+        train_dataset = data_lib.labels_per_class(train_dataset, args.labels_per_class)
     dim = model.embed_dim * (n + int(avgpool)) if is_vit else model.embed_dim
     what = f"[CLS] of {n} blocks{' + avg patch' if avgpool else ''}" if is_vit else "pooled last stage"
     log(f"{saved['arch']} ({args.pretrained or args.checkpoint_key}) on '{data}': {len(train_dataset)} train / "
         f"{len(val_dataset)} val images at {size}px, {num_labels} classes; features: {what} = {dim}-d; "
-        f"{'cached' if cache else 'augmented'}")
+        f"{'cached' if cache else 'augmented'}{'; fine-tuned' if args.finetune else ''}")
 
     def frozen(x):  # normalised images -> frozen features (b, dim); a ResNet's output is its pooled feature
         return block_features(model, x, n, avgpool) if is_vit else model(x)
@@ -229,21 +272,26 @@ def run(args):
         val_loader = DataLoader(val_dataset, **kw)  # every process validates on all of val (as official)
 
     linear = LinearClassifier(dim, num_labels).to(device)
+    lr = args.lr * args.batch_size * world / 256.0  # linear scaling rule
+    optimizer, name = None, "linear"
+    if args.finetune:  # one network, backbone included, on the augmented images
+        linear, embed, name = FineTuned(model, frozen, linear), None, "finetune"
+        optimizer = finetune_optimizer(linear, lr, args.backbone_lr_scale)
     if world > 1:
         linear = nn.parallel.DistributedDataParallel(linear, device_ids=[device] if device.type == "cuda" else None)
-    lr = args.lr * args.batch_size * world / 256.0  # linear scaling rule
     output_dir = args.output_dir or (os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else
                                      ".")  # with --pretrained: the current folder
     os.makedirs(output_dir, exist_ok=True)
-    log_file = os.path.join(output_dir, "linear_log.txt") if rank == 0 else None
+    log_file = os.path.join(output_dir, f"{name}_log.txt") if rank == 0 else None
     if log_file:
         checkpoint.write_text(log_file, "")  # one run per log
-    best, last = train_linear(linear, train_loader, val_loader, args.epochs, lr, device, embed, log, log_file)
+    best, last = train_linear(linear, train_loader, val_loader, epochs, lr, device, embed, log, log_file, optimizer)
     if rank == 0:
-        checkpoint.save(getattr(linear, "module", linear).state_dict(), os.path.join(output_dir, "linear.pth"))
+        checkpoint.save(getattr(linear, "module", linear).state_dict(), os.path.join(output_dir, f"{name}.pth"))
         top5 = f", Top5: {last['acc5']:.2f}" if last.get("acc5") is not None else ""
-        print(f"Linear probe result: Top1: {last.get('acc1', 0.0):.2f}{top5} (best Top1: {best:.2f}); "
-              f"saved {os.path.join(output_dir, 'linear.pth')}")
+        what = "Fine-tuning" if args.finetune else "Linear probe"
+        print(f"{what} result: Top1: {last.get('acc1', 0.0):.2f}{top5} (best Top1: {best:.2f}); "
+              f"saved {os.path.join(output_dir, f'{name}.pth')}")
     distributed.cleanup()
 
 

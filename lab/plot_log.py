@@ -1,4 +1,5 @@
-"""Training curves from train.py's log.txt: loss, teacher entropy, KL and online k-NN per epoch (cf. paper Fig. 7).
+"""Training curves from train.py's log.txt: loss, teacher entropy, KL and online k-NN per epoch (cf. paper Fig. 7);
+the k-NN panel has the teacher (solid) and, where logged, the student (thin, hollow dots: Fig. 6 left).
 
     python plot_log.py out/log.txt --out docs/curves.png
     python plot_log.py runs/no_centering/log.txt runs/no_sharpening/log.txt runs/both/log.txt --out docs/collapse.png
@@ -16,7 +17,8 @@ from PIL import Image, ImageDraw
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
 PANELS = [("loss", "loss"), ("teacher_entropy", "teacher entropy / log K"), ("kl", "KL(P_t || P_s)"),
-          ("knn_top1", "online 20-NN top-1 (%)")]
+          ("knn_top1", "online 20-NN top-1 (%): teacher solid, student thin")]
+STUDENT = "_student"  # log.txt's knn_top1_student is drawn in knn_top1's panel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 
@@ -36,7 +38,8 @@ def panel(draw, box, runs, key, title):
     """One line chart in box = (left, top, right, bottom): x = epoch, y = the value of `key`."""
     left, top, right, bottom = box
     series = [[(log["epoch"], log[key]) for log in logs if key in log] for _, logs in runs]
-    points = [p for s in series for p in s]
+    students = [[(log["epoch"], log[key + STUDENT]) for log in logs if key + STUDENT in log] for _, logs in runs]
+    points = [p for s in series + students for p in s]
     draw.rectangle(box, outline=(0, 0, 0))
     draw.text((left + 4, top - 14), title, fill=(0, 0, 0))
     if not points:
@@ -51,12 +54,14 @@ def panel(draw, box, runs, key, title):
                           bottom - 8 - (bottom - top - 16) * (y - y0) / (y1 - y0))
     draw.text((left + 4, bottom + 2), f"epoch {x0}..{x1}", fill=(80, 80, 80))
     draw.text((right - 90, bottom + 2), f"{y0:.3g}..{y1:.3g}", fill=(80, 80, 80))
-    for i, s in enumerate(series):
-        pixels = [to_px(x, y) for x, y in s]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=COLOURS[i % len(COLOURS)], width=2)
-        for px, py in pixels:
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=COLOURS[i % len(COLOURS)])
+    for i, (s, student) in enumerate(zip(series, students)):
+        colour = COLOURS[i % len(COLOURS)]
+        for points, width, fill in ((s, 2, colour), (student, 1, None)):
+            pixels = [to_px(x, y) for x, y in points]
+            if len(pixels) > 1:
+                draw.line(pixels, fill=colour, width=width)
+            for px, py in pixels:
+                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=fill, outline=colour)
 
 
 def plot(runs, out, width=900, height=560):

@@ -236,6 +236,16 @@ def test_class_balanced_indices_keep_every_class_share(labels, n):
     np.testing.assert_allclose(shares, expected, atol=2 / n)
 
 
+def test_labels_per_class_is_a_fixed_seeded_choice_of_n_images_of_every_class():
+    ds = data.ShapesDataset("train", n=50)
+    few = data.labels_per_class(ds, 3)
+    assert np.bincount([ds.targets[i] for i in few.indices], minlength=10).tolist() == [3] * 10
+    assert few.indices == data.labels_per_class(ds, 3).indices != data.labels_per_class(ds, 3, seed=1).indices
+    for bad in (0, 6):
+        with pytest.raises(data.DataError, match="--labels_per_class"):
+            data.labels_per_class(ds, bad)
+
+
 def _regions(mask):
     """Label map (H, W) of the 4-connected foreground regions of a bool mask (0: background, 1..n), and n."""
     labels, count = np.zeros(mask.shape, int), 0

@@ -211,3 +211,18 @@ def test_baselines_random_init_and_raw_pixels_differ_from_the_trained_features(t
     assert results["random_init"].shape == results["trained"].shape
     assert not torch.allclose(results["random_init"], results["trained"])  # other weights, same shape
     assert "random init" in capsys.readouterr().out
+
+
+def test_few_labels_keep_n_training_images_a_class_and_the_whole_val_set(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "imgs", n_per_class=4)
+    save_ours(tmp_path / "checkpoint.pth", tiny_vit(), global_size=32, data=data)
+    argv = [str(tmp_path / "checkpoint.pth"), "--nb_knn", "1", "--num_workers", "0", "--labels_per_class"]
+    assert eval_knn.main([*argv, "1", "--dump_features", str(tmp_path / "feats")]) == 0
+    assert "1-NN classifier result: Top1:" in capsys.readouterr().out
+    labels = [torch.load(tmp_path / "feats" / f, weights_only=True).tolist() for f in ("trainlabels.pth",
+                                                                                     "testlabels.pth")]
+    assert sorted(labels[0]) == [0, 1] and sorted(labels[1]) == [0] * 4 + [1] * 4
+    for bad in ("0", "5"):
+        assert eval_knn.main([*argv, bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --labels_per_class") and len(err.strip().splitlines()) == 1

@@ -107,3 +107,51 @@ def test_cli_reports_a_bare_backbone_without_arch_in_one_line(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "--arch" in r.stderr
+
+
+def tiny_checkpoint(tmp_path, n_per_class=3):
+    data = make_image_folder(tmp_path / "imgs", n_per_class)
+    sd = {f"backbone.{k}": v for k, v in tiny_vit(depth=4).state_dict().items()}
+    args = {"arch": "vit_tiny", "patch_size": 16, "depth": 4, "global_size": 32, "data": data}
+    torch.save({"teacher": sd, "args": args}, tmp_path / "checkpoint.pth")
+    return sd, args
+
+
+def test_finetuning_trains_the_backbone_at_its_own_lower_rate_and_the_layer(tmp_path, capsys):
+    sd, _ = tiny_checkpoint(tmp_path)
+    argv = [str(tmp_path / "checkpoint.pth"), "--finetune", "--epochs", "2", "--num_workers", "0"]
+    assert eval_linear.main(argv) == 0
+    assert "Fine-tuning result: Top1:" in capsys.readouterr().out
+    tuned = torch.load(tmp_path / "finetune.pth", weights_only=True)
+    assert tuned["linear.linear.weight"].shape == (2, 4 * 192)
+    assert not torch.equal(tuned["backbone.blocks.3.mlp.fc2.weight"], sd["backbone.blocks.3.mlp.fc2.weight"])
+    assert len((tmp_path / "finetune_log.txt").read_text().splitlines()) == 2
+    model = eval_linear.FineTuned(tiny_vit(), lambda x: x[:, 0, 0, :2], eval_linear.LinearClassifier(2, 2))
+    groups = eval_linear.finetune_optimizer(model, 1e-3, 0.1).param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 1e-3, 1e-4, 1e-4]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_random_init_finetuned_with_a_still_backbone_keeps_the_seed_0_network(tmp_path):
+    sd, args = tiny_checkpoint(tmp_path)
+    argv = [str(tmp_path / "checkpoint.pth"), "--finetune", "--random_init", "--backbone_lr_scale", "0",
+            "--epochs", "1", "--num_workers", "0"]
+    assert eval_linear.main(argv) == 0
+    torch.manual_seed(0)
+    expected = vit.build_like(args).state_dict()  # what eval_knn.py --random_init evaluates
+    tuned = torch.load(tmp_path / "finetune.pth", weights_only=True)
+    for k, v in expected.items():
+        assert torch.equal(tuned[f"backbone.{k}"], v), k
+    assert not torch.equal(tuned["backbone.blocks.0.attn.qkv.weight"], sd["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_few_labels_train_on_n_images_a_class_and_a_bad_n_is_one_line(tmp_path, capsys):
+    tiny_checkpoint(tmp_path, n_per_class=4)
+    argv = [str(tmp_path / "checkpoint.pth"), "--epochs", "1", "--num_workers", "0", "--labels_per_class"]
+    assert eval_linear.main([*argv, "2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 train / 8 val images" in out and "Linear probe result: Top1:" in out
+    for bad in ("0", "5"):
+        assert eval_linear.main([*argv, bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --labels_per_class") and len(err.strip().splitlines()) == 1

@@ -12,7 +12,7 @@ def write_log(path, n=4, knn=True):
         for e in range(n):
             log = {"epoch": e, "loss": 6 - e, "teacher_entropy": math.log(1024) * (1 - e / 10), "kl": 0.5 / (e + 1)}
             if knn:
-                log["knn_top1"] = 10 + e
+                log["knn_top1"], log["knn_top1_student"] = 10 + e, 9 + e
             f.write(json.dumps(log) + "\n")
 
 
@@ -35,3 +35,18 @@ def test_several_logs_make_one_png_even_without_knn(tmp_path):
 def test_a_missing_log_is_one_error_line(tmp_path, capsys):
     assert plot_log.main([str(tmp_path / "nope" / "log.txt")]) == 2
     assert capsys.readouterr().err.startswith("error: log not found")
+
+
+def test_the_knn_panel_draws_the_student_beside_the_teacher(tmp_path):
+    (tmp_path / "a").mkdir()
+    write_log(tmp_path / "a" / "log.txt")
+    logs = plot_log.read_log(tmp_path / "a" / "log.txt")
+    with_student = plot_log.plot([("a", logs)], tmp_path / "both.png")
+    for log in logs:
+        del log["knn_top1_student"]
+    teacher_only = plot_log.plot([("a", logs)], tmp_path / "teacher.png")
+    right, bottom = 900, 560  # the k-NN panel is the bottom-right one; the others are drawn the same
+    crop = lambda im: im.crop((right // 2, bottom // 2, right, bottom - 30)).tobytes()
+    assert crop(with_student) != crop(teacher_only)
+    left_half = lambda im: im.crop((0, 0, right // 2, bottom)).tobytes()
+    assert left_half(with_student) == left_half(teacher_only)
