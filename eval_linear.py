@@ -189,7 +189,7 @@ def get_args_parser():
     p.add_argument("--data", default=None, help=f"an embedded dataset ({', '.join(data_lib.VARIANTS)}) or a folder "
                    f"with train/ and val/ class folders; default: the data the checkpoint was trained on, else "
                    f"'{data_lib.DEFAULT_DATA}'")
-    p.add_argument("--epochs", default=None, type=int, help="training epochs (default: 100, as official; 10 with "
+    p.add_argument("--epochs", default=None, type=int, help="training epochs (default: 100, as official; 30 with "
                    "--finetune, minutes on a CPU)")
     p.add_argument("--finetune", action="store_true", help="train the backbone too (Table 6): AdamW, weight decay "
                    "0.05, the backbone at --backbone_lr_scale x the lr, always on augmented images")
@@ -228,7 +228,7 @@ def run(args):
     torch.manual_seed(args.seed)
     model, saved = frozen_backbone(args, device)  # a checkpoint file or --pretrained NAME (--random_init: untrained)
     model.requires_grad_(args.finetune)  # frozen, unless fine-tuned
-    epochs = args.epochs or (10 if args.finetune else 100)
+    epochs = args.epochs or (30 if args.finetune else 100)
     is_base, is_vit = saved["arch"] == "vit_base", saved["arch"] not in vit.RESNETS
     n = args.n_last_blocks or (1 if is_base else 4)
     avgpool = bool(is_base if args.avgpool_patchtokens is None else args.avgpool_patchtokens)
