@@ -103,9 +103,11 @@ HELP = {
     "local_size": "Side of the local crops in pixels.",
     "blur_radius": "Gaussian blur radius range in pixels (scale it down for small crops).",
     "color_jitter": "Strength s of the colour jitter, ColorJitter(0.4s, 0.4s, 0.2s, 0.1s) with p 0.8 (1: the paper's).",
-    "knn_every": "Online 20-NN accuracy on a held-back labelled split every N epochs and after the last (0: never).",
+    "knn_every": "Online 20-NN accuracy of the teacher and the student on a held-back labelled split every N epochs "
+                 "and after the last (0: never).",
     "stop_on_collapse": "Stop (exit code 3) when the teacher stayed collapsed for a whole epoch after the first; "
-                        "off by default for the ablations --no_centering, --no_sharpening, --momentum_teacher 0.",
+                        "off by default for the ablations --no_centering, --no_sharpening, --momentum_teacher 0 and "
+                        "any --teacher but momentum.",
     "num_workers": "Data loading processes per training process (0 on 2 cores: workers would take the step's cores).",
     "optimizer": "adamw (the paper's, for ViTs), or for a convnet sgd (momentum 0.9) or lars (large batches).",
     "curriculum_epochs": "Speed lever, not the paper's: the first N epochs crop --curriculum_sizes, the rest "
