@@ -57,8 +57,8 @@ def test_every_preset_flag_has_help_that_states_both_preset_values():
         assert f"cpu: {train.PRESETS['cpu'][key]}; paper: {train.PRESETS['paper'][key]}" in parser_help, key
 
 
-DOCS = ["README.md", "EXERCISES.md", "docs/cpu_recipe.md", "docs/scaling.md", "lab/README.md", "lab/notes/recipe.md",
-        "lab/notes/speed.md"]
+DOCS = ["README.md", "EXERCISES.md", "docs/cpu_recipe.md", "docs/scaling.md", "docs/experiments.md", "lab/README.md",
+        "lab/notes/recipe.md", "lab/notes/speed.md"]
 
 
 @pytest.mark.parametrize("doc", DOCS)
