@@ -87,12 +87,17 @@ def test_cached_batches_visit_every_sample_once_per_epoch_in_a_new_order():
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(10)) and orders[0] != orders[1]
 
 
-@pytest.mark.parametrize("cache", ["1", "0"])
-def test_cli_trains_and_saves_the_linear_layer(tmp_path, capsys, cache):
-    data = make_image_folder(tmp_path / "imgs")
+def tiny_checkpoint(tmp_path, n_per_class=3):
+    data = make_image_folder(tmp_path / "imgs", n_per_class)
     sd = {f"backbone.{k}": v for k, v in tiny_vit(depth=4).state_dict().items()}
     args = {"arch": "vit_tiny", "patch_size": 16, "depth": 4, "global_size": 32, "data": data}
     torch.save({"teacher": sd, "args": args}, tmp_path / "checkpoint.pth")
+    return sd, args
+
+
+@pytest.mark.parametrize("cache", ["1", "0"])
+def test_cli_trains_and_saves_the_linear_layer(tmp_path, capsys, cache):
+    tiny_checkpoint(tmp_path)
     argv = [str(tmp_path / "checkpoint.pth"), "--epochs", "2", "--num_workers", "0", "--cache_features", cache]
     assert eval_linear.main(argv) == 0
     assert "Linear probe result: Top1:" in capsys.readouterr().out
@@ -107,14 +112,6 @@ def test_cli_reports_a_bare_backbone_without_arch_in_one_line(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "--arch" in r.stderr
-
-
-def tiny_checkpoint(tmp_path, n_per_class=3):
-    data = make_image_folder(tmp_path / "imgs", n_per_class)
-    sd = {f"backbone.{k}": v for k, v in tiny_vit(depth=4).state_dict().items()}
-    args = {"arch": "vit_tiny", "patch_size": 16, "depth": 4, "global_size": 32, "data": data}
-    torch.save({"teacher": sd, "args": args}, tmp_path / "checkpoint.pth")
-    return sd, args
 
 
 def test_finetuning_trains_the_backbone_at_its_own_lower_rate_and_the_layer(tmp_path, capsys):
