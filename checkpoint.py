@@ -119,13 +119,15 @@ def backbone_state_dict(ckpt, checkpoint_key="teacher"):
         ckpt = ckpt[checkpoint_key]
     elif "teacher" in ckpt or "student" in ckpt:
         raise CheckpointError(f"checkpoint has no key '{checkpoint_key}' (it has: {', '.join(map(str, ckpt))})")
+    elif isinstance(ckpt.get("model"), dict):  # a fine-tuned network (eval_linear.py --finetune), as DeiT saves it
+        ckpt = ckpt["model"]
     sd = {}
     for k, v in ckpt.items():
         if not isinstance(v, torch.Tensor):
             continue
         for prefix in ("module.", "backbone."):
             k = k[len(prefix):] if k.startswith(prefix) else k
-        if k.startswith("head.") or k.startswith("fc."):  # projection/classifier heads are not backbone
+        if k.startswith(("head.", "fc.", "linear.")):  # projection/classifier heads are not backbone
             continue
         sd[k] = v
     return sd

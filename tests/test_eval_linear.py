@@ -119,7 +119,7 @@ def test_finetuning_trains_the_backbone_at_its_own_lower_rate_and_the_layer(tmp_
     argv = [str(tmp_path / "checkpoint.pth"), "--finetune", "--epochs", "2", "--num_workers", "0"]
     assert eval_linear.main(argv) == 0
     assert "Fine-tuning result: Top1:" in capsys.readouterr().out
-    tuned = torch.load(tmp_path / "finetune.pth", weights_only=True)
+    tuned = torch.load(tmp_path / "finetune.pth", weights_only=True)["model"]
     assert tuned["linear.linear.weight"].shape == (2, 4 * 192)
     assert not torch.equal(tuned["backbone.blocks.3.mlp.fc2.weight"], sd["backbone.blocks.3.mlp.fc2.weight"])
     assert len((tmp_path / "finetune_log.txt").read_text().splitlines()) == 2
@@ -136,7 +136,7 @@ def test_random_init_finetuned_with_a_still_backbone_keeps_the_seed_0_network(tm
     assert eval_linear.main(argv) == 0
     torch.manual_seed(0)
     expected = vit.build_like(args).state_dict()  # what eval_knn.py --random_init evaluates
-    tuned = torch.load(tmp_path / "finetune.pth", weights_only=True)
+    tuned = torch.load(tmp_path / "finetune.pth", weights_only=True)["model"]
     for k, v in expected.items():
         assert torch.equal(tuned[f"backbone.{k}"], v), k
     assert not torch.equal(tuned["backbone.blocks.0.attn.qkv.weight"], sd["backbone.blocks.0.attn.qkv.weight"])

@@ -245,6 +245,30 @@ def test_jaccard_on_the_embedded_data_needs_no_masks(checkpoint, capsys):
     assert re.fullmatch(r"Jaccard \d+\.\d\d\n", capsys.readouterr().out)
 
 
+def test_supervised_control_written_by_eval_linear_is_read_with_its_trained_weights(checkpoint, folder, tmp_path,
+                                                                                      capsys):
+    """Table 4's second row: `eval_linear.py CKPT --finetune --random_init` trains the same ViT with labels; its
+    finetune.pth is what `visualize_attention.py --jaccard` then scores, trained weights and all."""
+    import eval_linear
+    assert eval_linear.main([checkpoint, "--finetune", "--random_init", "--epochs", "1", "--num_workers", "0",
+                             "--n_last_blocks", "1", "--data", folder, "--output_dir", str(tmp_path)]) == 0
+    tuned = torch.load(tmp_path / "finetune.pth", weights_only=True)
+    model, saved = vit.from_checkpoint(str(tmp_path / "finetune.pth"))
+    assert saved["arch"] == "vit_tiny" and saved["random_init"] and len(model.blocks) == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, tuned["model"][f"backbone.{k}"]), k
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, tiny_vit().blocks[0].attn.qkv.weight)  # trained
+    capsys.readouterr()
+    masks = ["--data", folder, "--masks", os.path.join(folder, "masks")]
+    assert va.main([str(tmp_path / "finetune.pth"), "--jaccard", *masks]) == 0
+    supervised = capsys.readouterr().out
+    val = data.build_dataset(folder, "val", masks_root=os.path.join(folder, "masks"))
+    best, _, _, _ = va.evaluate_jaccard(model, val, [32])
+    assert supervised == f"Jaccard {best:.2f}\n"
+    assert va.main([checkpoint, "--jaccard", "--random_init", *masks]) == 0
+    assert capsys.readouterr().out != supervised  # not the untrained network
+
+
 @pytest.mark.parametrize("case", ["missing image", "missing checkpoint", "folder without masks", "bad threshold", "three sizes"])
 def test_errors_are_one_line_and_exit_2(case, checkpoint, folder, tmp_path, capsys):
     argv = {"missing image": [checkpoint, "--image", str(tmp_path / "nope.jpg")],
