@@ -106,7 +106,7 @@ def render_strokes(rng, label, split=None):
             draw.line([tuple(p) for p in pts], fill=level, width=width, joint="curve")
     cover = np.asarray(ink.reduce(2), np.float32) / 255  # (SIZE, SIZE) ink darkness
     img = _paper(rng, rng.uniform(200, 235)) * (1 - cover) + rng.uniform(20, 70) * cover
-    return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2)
+    return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2), cover >= 0.5
 
 
 LETTERS = "ABCDEFGHIJ"
@@ -133,7 +133,7 @@ def render_letters(rng, label, split=None):
     if abs(fg - bg) < 60:  # keep the letters visible
         fg = bg + 60 * np.sign(fg - bg + 1e-9) if 60 <= bg + 60 <= 255 else bg - 60
     img = _paper(rng, bg, 6, 20) * (1 - cover) + fg * cover
-    return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2)
+    return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2), cover >= 0.5
 
 
 def render_textures(rng, label, split=None):
@@ -205,7 +205,7 @@ def digits_renderer():
         x, y = rng.integers(0, SIZE - side + 1, 2)
         cover[y:y + side, x:x + side] = d
         img = _paper(rng, rng.uniform(190, 235)) * (1 - cover) + rng.uniform(20, 70) * cover
-        return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2)
+        return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2), cover >= 0.5
 
     return render
 
@@ -222,7 +222,7 @@ def render_symbols(rng, label, split=None):
     S = 2 * SIZE
     bg = rng.uniform(40, 220, 3)
     img = bg + 14 * data._smooth_noise(rng, 5, SIZE, 3) + rng.normal(0, 4, (SIZE, SIZE, 3))  # (SIZE, SIZE, 3)
-    luma = np.array([0.299, 0.587, 0.114])
+    luma, mask = np.array([0.299, 0.587, 0.114]), np.zeros((SIZE, SIZE), bool)
     for c, r in _place(rng, rng.integers(1, 4), (0.14 * S, 0.26 * S), S):
         font = ImageFont.truetype(fonts[rng.integers(len(fonts))], int(2.0 * r))
         glyph = Image.new("L", (int(3 * r), int(3 * r)), 0)
@@ -236,7 +236,8 @@ def render_symbols(rng, label, split=None):
             if abs(luma @ (fg - bg)) >= 80:
                 break
         img = img * (1 - cover) + fg * cover
-    return np.clip(img, 0, 255).astype(np.uint8)
+        mask |= cover[..., 0] >= 0.5
+    return np.clip(img, 0, 255).astype(np.uint8), mask
 
 
 def _mnist_5k():
@@ -278,7 +279,7 @@ def mnist_renderer():
         x, y = rng.integers(0, SIZE - side + 1, 2)
         cover[y:y + side, x:x + side] = np.clip(np.asarray(d, np.float32) / 255, 0, 1)
         img = _paper(rng, rng.uniform(180, 235)) * (1 - cover) + rng.uniform(10, 80) * cover
-        return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2)
+        return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2), cover >= 0.5
 
     return render
 
@@ -301,7 +302,7 @@ def mnist_many_renderer():
             cover[y:y + side, x:x + side] = np.maximum(cover[y:y + side, x:x + side], d)
             ink[y:y + side, x:x + side] = np.where(d > 0, rng.uniform(10, 90), ink[y:y + side, x:x + side])
         img = _paper(rng, rng.uniform(170, 235)) * (1 - cover) + ink * cover
-        return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2)
+        return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2), cover >= 0.5
 
     return render
 
@@ -328,7 +329,7 @@ def render_outlines(rng, label, split=None):
     """2-5 outlines of the class figure, each its own size, rotation, pen width and grey, among 2-4 stray pen
     lines, on grey paper: shape by contour alone, with clutter."""
     S = 2 * SIZE
-    ink = Image.new("L", (S, S), 0)
+    ink, figures = Image.new("L", (S, S), 0), Image.new("L", (S, S), 0)
     draw = ImageDraw.Draw(ink)
     for _ in range(rng.integers(2, 5)):
         draw.line([tuple(rng.uniform(0, S, 2)), tuple(rng.uniform(0, S, 2))], fill=int(rng.uniform(90, 200)),
@@ -337,11 +338,13 @@ def render_outlines(rng, label, split=None):
         a = rng.uniform(0, 2 * np.pi)
         rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
         pts = _outline(label) @ rot.T * r * 0.9 + c
-        draw.line([tuple(p) for p in np.vstack([pts, pts[:1]])], fill=int(rng.uniform(160, 255)),
-                  width=int(rng.integers(2, 6)), joint="curve")
+        xy, fill = [tuple(p) for p in np.vstack([pts, pts[:1]])], int(rng.uniform(160, 255))
+        width = int(rng.integers(2, 6))
+        draw.line(xy, fill=fill, width=width, joint="curve")
+        ImageDraw.Draw(figures).line(xy, fill=255, width=width, joint="curve")
     cover = np.asarray(ink.reduce(2), np.float32) / 255
     img = _paper(rng, rng.uniform(180, 235)) * (1 - cover) + rng.uniform(20, 80) * cover
-    return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2)
+    return np.clip(img, 0, 255).astype(np.uint8)[..., None].repeat(3, 2), np.asarray(figures.reduce(2)) >= 128
 
 
 # name -> (role, renderer or None for the embedded ones); the embedded ones train with --data NAME directly
@@ -355,9 +358,11 @@ NEEDS = {"digits": "pip install scikit-learn", "mnist": "pip install --no-deps m
 
 
 def make_folder(name, root, n_train=N_TRAIN, n_val=N_VAL):
-    """Write root/name/{train,val}/<class>/xxxxx.png (once; a finished folder has a DONE file). None: skipped."""
+    """Write root/name/{train,val}/<class>/xxxxx.png and, where the images hold objects (every folder but
+    textures), the objects' masks root/name/masks/val/<class>/xxxxx.png for the attention Jaccard (once; a
+    finished folder has a DONE file). None: skipped."""
     out = os.path.join(root, name)
-    if os.path.isfile(os.path.join(out, "DONE")):
+    if os.path.isfile(os.path.join(out, "DONE")) and (name == "textures" or os.path.isdir(os.path.join(out, "masks"))):
         return out
     render = FOLDERS[name][1]
     if isinstance(render, str):  # real data from an optional package: its renderer, None if not installed
@@ -368,11 +373,25 @@ def make_folder(name, root, n_train=N_TRAIN, n_val=N_VAL):
         for i in range(n):
             label = i % N_CLASSES
             rng = np.random.default_rng([zlib.crc32(name.encode()), data.SPLITS.index(split), i])
-            path = os.path.join(out, split, f"{label}", f"{i:05d}.png")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            Image.fromarray(render(rng, label, split)).save(path)
+            img = render(rng, label, split)
+            img, mask = img if isinstance(img, tuple) else (img, None)  # (uint8 image, bool mask or None)
+            files = [(os.path.join(out, split, f"{label}", f"{i:05d}.png"), img)]
+            if mask is not None and split == "val":
+                masks = os.path.join(out, "masks", split, f"{label}", f"{i:05d}.png")
+                files.append((masks, mask.astype(np.uint8) * 255))
+            for path, a in files:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                Image.fromarray(a).save(path)
     open(os.path.join(out, "DONE"), "w").close()
     return out
+
+
+def jaccard(ckpt, *flags):
+    """`visualize_attention.py ckpt --jaccard` (the authors' protocol), or None for a folder without masks."""
+    cmd = [sys.executable, os.path.join(REPO, "visualize_attention.py"), ckpt, "--jaccard", *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    m = re.search(r"^Jaccard ([\d.]+)", out.stdout, re.M)
+    return float(m.group(1)) if m else None
 
 
 # --- a supervised control: can this backbone learn the folder at all, in this budget? -------------------------
@@ -473,7 +492,8 @@ def run_one(name, root, runs, train_args):
     ckpt = os.path.join(out_dir, "checkpoint.pth")
     out_dim = torch.load(ckpt, map_location="cpu", weights_only=False)["args"]["out_dim"]
     row = {"name": name, "role": FOLDERS[name][0], "trained": knn20(ckpt), "untrained": knn20(ckpt, "--random_init"),
-           "raw": knn20(ckpt, "--raw_pixels"), "wall_min": wall / 60, "collapse": collapse_state(log, out_dim),
+           "raw": knn20(ckpt, "--raw_pixels"), "jaccard": jaccard(ckpt),
+           "jaccard_untrained": jaccard(ckpt, "--random_init"), "wall_min": wall / 60, "collapse": collapse_state(log, out_dim),
            "entropy": [round(e["teacher_entropy"], 2) for e in log],
            "online": [e.get("knn_top1") for e in log], "epochs": len(log), "stopped_on_collapse": code == 3,
            "train_args": " ".join(train_args)}
@@ -507,12 +527,13 @@ def read_supervised(runs):
 
 
 def table(rows, supervised_top1):
-    lines = ["| folder | role | 20-NN trained | untrained | raw pixels | gain | wall | teacher collapsed | with labels "
-             "| verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| folder | role | 20-NN trained | untrained | raw pixels | gain | Jaccard trained / untrained | wall "
+             "| teacher collapsed | with labels | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        sup = supervised_top1.get(r["name"])
+        sup, jac = supervised_top1.get(r["name"]), r.get("jaccard")
+        jac = "-" if jac is None else f"{jac:.1f} / {r['jaccard_untrained']:.1f}"
         lines.append(f"| {r['name']} | {r['role']} | {r['trained']:.1f} | {r['untrained']:.1f} | {r['raw']:.1f} | "
-                     f"{r['trained'] - r['untrained']:+.1f} | {r['wall_min']:.1f} min | {r['collapse']} | "
+                     f"{r['trained'] - r['untrained']:+.1f} | {jac} | {r['wall_min']:.1f} min | {r['collapse']} | "
                      f"{'-' if sup is None else f'{sup:.1f}'} | {verdict(r, sup)} |")
     return "\n".join(lines)
 

