@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import errno
 import json
-import math
 import os
 import signal
 import sys
@@ -40,7 +39,7 @@ import eval_knn
 import exercises
 import vit
 from head import DINOHead
-from loss import DINOLoss, collapse_kind, koleo_loss
+from loss import DINOLoss, koleo_loss, stop_if_collapsed
 
 # Recipes: the paper's (Sec. 3.2) and a small one that learns on 2 CPU cores in minutes; each value has its flag.
 PRESETS = {
@@ -661,28 +660,6 @@ def stopping_on_write_errors(output_dir):
         again = "resume" if os.path.isfile(ckpt_path) else "start"
         raise UserError(f"{e}; {checkpoint.kept(ckpt_path)}; {advice.get(e.errno, 'fix that')} and re-run to "
                         f"{again}") from None
-
-
-COLLAPSE_ADVICE = {
-    "one-hot": "every image maps to the same dimension (sharpening not balanced by centring); try --centering "
-               "sinkhorn, a higher --teacher_temp or a lower --lr",
-    "uniform": "the teacher output is uniform (centring not balanced by sharpening); try --koleo_weight 0.1 (the "
-               "cpu preset's, measured in docs/cpu_recipe.md) or higher, or a lower --teacher_temp",
-}
-
-
-def stop_if_collapsed(log, args, rank):
-    """Warn when the teacher stayed collapsed for a whole epoch after the first; exit 3 with --stop_on_collapse."""
-    epoch = log["epoch"]
-    kind = collapse_kind(log["teacher_entropy"], args.out_dim) if epoch >= 1 else None
-    if not kind:
-        return
-    print_once(rank, f"warning: teacher collapsed ({kind}, mean entropy {log['teacher_entropy']:.3f} of log K = "
-               f"{math.log(args.out_dim):.3f} over epoch {epoch}): {COLLAPSE_ADVICE[kind]}", file=sys.stderr)
-    if args.stop_on_collapse:
-        print_once(rank, f"stopped: the teacher collapsed; the checkpoint of epoch {epoch} is in {args.output_dir} "
-                   "(--stop_on_collapse false trains on regardless)", file=sys.stderr)
-        sys.exit(3)
 
 
 if __name__ == "__main__":
