@@ -4,11 +4,10 @@
     python train.py --data /path/to/images            # the paper recipe on an image folder (one GPU)
     torchrun --nproc_per_node=8 train.py --arch vit_small --patch 16 --data /path/imagenet/train
 
-Read `train_one_step` first: it is the DINO step of Alg. 1 and nothing else (train.py's loop, benchmark.py and the
-tests all run this one function). `main` builds the data, the two networks and the schedules and loops over the
-steps; the bookkeeping of a long run (resume, signals, non-finite losses, logs, checkpoints) is distributed.py's.
-The same file runs under `python` and `torchrun`. Re-running the same command in the same --output_dir resumes;
-SIGINT/SIGTERM saves a checkpoint at the next step boundary. Outputs: OUT/checkpoint.pth and OUT/log.txt.
+Read `train_one_step` first: the DINO step of Alg. 1 and nothing else (train.py's loop, benchmark.py and the tests
+all run this one function). `main` is Alg. 1 around it: data, networks, loss, optimizer and schedules, then the loop
+with a log line (OUT/log.txt) and a checkpoint (OUT/checkpoint.pth) per epoch. Re-running the same command resumes;
+the bookkeeping of a long run (resume, signals, files that cannot be written) is distributed.py's.
 """
 import argparse
 import sys
@@ -110,6 +109,8 @@ HELP = {
                "previous_iter (the student before this step) or previous_epoch (the student at the last epoch's end).",
 }
 TEACHERS = ("momentum", "student", "previous_iter", "previous_epoch")
+
+
 # ============ the command line ============
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -256,6 +257,21 @@ def build_model(args, drop_path_rate):
     return MultiCropWrapper(backbone, head)
 
 
+def student_and_teacher(args, rank, device):
+    """g = head ∘ backbone (Sec. 3.1), twice: the teacher starts as a copy of the student (head included), without
+    drop-path or gradients. Returns (student, teacher, the student wrapped by DDP under torchrun, or itself)."""
+    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts it)
+    student = build_model(args, args.drop_path_rate).to(device)
+    teacher = build_model(args, 0.0).to(device)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    if (args.use_bn_in_head or args.arch in vit.RESNETS) and dist.is_initialized() and device.type == "cuda":  # SyncBN
+        student, teacher = map(nn.SyncBatchNorm.convert_sync_batchnorm, (student, teacher))
+    student_ddp = DistributedDataParallel(student) if dist.is_initialized() else student  # the teacher needs none
+    torch.manual_seed(args.seed + rank)  # from here: drop-path draws, different on every rank
+    return student, teacher, student_ddp
+
+
 # ============ optimisation: schedules, weight-decay groups, clipping, the momentum teacher ============
 def cosine_schedule(base, final, epochs, niter_per_ep, warmup_epochs=0, start_warmup=0.0):
     """One value per iteration: linear warm-up from start_warmup to base, then cosine from base to final."""
@@ -263,6 +279,19 @@ def cosine_schedule(base, final, epochs, niter_per_ep, warmup_epochs=0, start_wa
     iters = np.arange(epochs * niter_per_ep - len(warmup))
     cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))
     return np.concatenate((warmup, cosine))[: epochs * niter_per_ep]
+
+
+def schedules(args, niter_per_ep):
+    """Sec. 3.2: lr linear warm-up to lr·B/256 ("linear scaling rule"), then cosine to min_lr; weight decay cosine
+    0.04 → 0.4; teacher momentum cosine m → 1. Fig. 6's other teachers copy the student (m = 0): at every step, or at
+    epoch ends only (previous_epoch: m = 1 within an epoch, the copy made by main)."""
+    lr = cosine_schedule(args.lr * args.batch_size * args.world_size / 256, args.min_lr, args.epochs, niter_per_ep,
+                         args.warmup_epochs)
+    wd = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep)
+    momentum = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, niter_per_ep)
+    if args.momentum_teacher == 0 or args.teacher != "momentum":
+        momentum[:] = 1.0 if args.teacher == "previous_epoch" else 0.0
+    return lr, wd, momentum
 
 
 def crop_sizes(args, epoch):
@@ -362,87 +391,56 @@ def train_one_step(student, teacher, dino_loss, optimizer, scaler, autocast, cro
 # ============ Alg. 1 with its data, networks and schedules ============
 def main(args):
     exercises.install(args.exercise, error=UserError)  # EXERCISES.md: the student's functions, if any
-    # one process (python) or one per GPU (torchrun): rank, number of processes, and the device of this one
-    rank, world, device = distributed.init()
-    precision = resolve_precision(args.precision, device)
-    args.world_size = world
+    rank, world, device = distributed.init()  # one process (python) or one per GPU (torchrun)
+    precision, args.world_size = resolve_precision(args.precision, device), world
 
-    # ============ data: 2 global + N local views per image (Sec. 3.1 "multi-crop") ============
+    # data: 2 global + N local views per image (Sec. 3.1 "multi-crop"); labelled images for the online k-NN monitor
     dataset, sampler, niter_per_ep = multicrop_data(args, rank, world)
-    # held-back labelled images for the online k-NN monitor (labels serve evaluation only, never training)
     knn_sets = eval_knn.monitor_datasets(args.data, args.global_size, 2500, 1000) if args.knn_every else None
-
-    # ============ student and teacher: same architecture, same initial weights ============
-    # g = head ∘ backbone (Sec. 3.1): a ViT, then a 3-layer MLP, ℓ2 norm and a weight-normalised K-way layer
-    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts it)
-    student = build_model(args, args.drop_path_rate).to(device)
-    teacher = build_model(args, 0.0).to(device)  # no drop-path in the teacher
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)  # the teacher is never trained by gradients, only by the EMA of the student
-    if (args.use_bn_in_head or args.arch in vit.RESNETS) and dist.is_initialized() and device.type == "cuda":  # SyncBN
-        student, teacher = map(nn.SyncBatchNorm.convert_sync_batchnorm, (student, teacher))
-    # under torchrun the student's gradients are averaged over the processes; the teacher needs no wrapper
-    student_ddp = DistributedDataParallel(student) if dist.is_initialized() else student
-    torch.manual_seed(args.seed + rank)  # from here: drop-path draws, different on every rank
+    student, teacher, student_ddp = student_and_teacher(args, rank, device)  # same architecture, same weights
     # Eq. 3 with the centre c and the teacher temperature schedule (loss.py)
     dino_loss = DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs, center_momentum=args.center_momentum,
                          centering="none" if args.no_centering else args.centering,
                          sharpening=not args.no_sharpening).to(device)
-    # AdamW (Sec. 3.2), or SGD or LARS for a convnet; lr and weight decay are set every step from the schedules below
+    # AdamW (Sec. 3.2), or SGD or LARS for a convnet; lr and weight decay are set every step from the schedules
     optimizer = build_optimizer(args.optimizer, param_groups(student), device)
-    # one mixed-precision path: autocast (bf16 or fp16) on the forward, a GradScaler that only fp16 needs
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
-                              enabled=precision in ("bf16", "fp16"))
+    scaler, autocast = mixed_precision(precision, device)
+    lr_schedule, wd_schedule, momentum_schedule = schedules(args, niter_per_ep)  # one value per iteration
 
-    # ============ schedules: one value per iteration (Sec. 3.2 "Implementation details") ============
-    # lr: linear warm-up to lr·B/256, then cosine to min_lr; wd: cosine 0.04 → 0.4; teacher momentum: cosine m → 1
-    lr_schedule = cosine_schedule(args.lr * args.batch_size * world / 256, args.min_lr, args.epochs, niter_per_ep,
-                                  args.warmup_epochs)  # "linear scaling rule: lr = 0.0005 * batchsize/256"
-    wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep)
-    momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, niter_per_ep)
-    if args.momentum_teacher == 0 or args.teacher != "momentum":  # Fig. 6's other teachers copy the student (m = 0)
-        momentum_schedule[:] = 1.0 if args.teacher == "previous_epoch" else 0.0  # ... or only at epoch ends (below)
-
-    # ============ the loop: one DINO step per batch, then the epoch's log and checkpoint ============
-    # re-running in the same --output_dir resumes from its checkpoint.pth, mid-epoch included
     parts = dict(student=student, teacher=teacher, optimizer=optimizer, scaler=scaler, dino_loss=dino_loss)
-    it, history, resumed_sums = resume(args.output_dir, parts, args, niter_per_ep, rank)
+    it, history, resumed_sums = resume(args.output_dir, parts, args, niter_per_ep, rank)  # mid-epoch included
     if it >= args.epochs * niter_per_ep:
         return print_once(rank, f"training already finished ({args.epochs} epochs) in {args.output_dir}; use "
                           "another --output_dir to train again")
-    stop = catch_stop_signals()
-    print_once(rank, f"{vit.describe(vars(args))}, K={args.out_dim}, {dino_loss.ncrops} crops, "
-               f"{len(dataset)} images, {world} process(es) x {args.batch_size}, {precision} on {device}, "
-               f"{args.epochs} epochs")
+    stop = catch_stop_signals()  # Ctrl-C or SIGTERM (a cluster's time limit): save at a step boundary, then exit
+    print_once(rank, f"{vit.describe(vars(args))}, K={args.out_dim}, {dino_loss.ncrops} crops, {len(dataset)} "
+               f"images, {world} process(es) x {args.batch_size}, {precision} on {device}, {args.epochs} epochs")
     args.num_workers = loader_workers(args.num_workers, rank)
     for epoch in range(it // niter_per_ep, args.epochs):
         done = it - epoch * niter_per_ep  # iterations of this epoch already run (mid-epoch resume)
         if args.teacher == "previous_epoch" and done == 0:  # Fig. 6: the student as the last epoch left it
             update_teacher(list(teacher.parameters()), list(student.parameters()), 0.0)
-        loader = epoch_loader(dataset, sampler, epoch, done, args, device)
         meter = EpochMeter(device, resumed_sums if done else None)  # resumed midway: the log covers the whole epoch
-        resumed_sums = None
-        bar = tqdm(loader, total=niter_per_ep, initial=done, desc=f"epoch {epoch}", disable=rank != 0,
-                   dynamic_ncols=True, leave=False)
+        bar = tqdm(epoch_loader(dataset, sampler, epoch, done, args, device), total=niter_per_ep, initial=done,
+                   desc=f"epoch {epoch}", disable=rank != 0, dynamic_ncols=True, leave=False)
         for crops in bar:  # crops: [global1, global2, local1, ...], uint8 (B, 3, H, W) each
             loss = train_one_step(student_ddp, teacher, dino_loss, optimizer, scaler, autocast, crops, epoch,
                                   lr_schedule[it], wd_schedule[it], momentum_schedule[it], args)
             meter.add(loss, dino_loss.stats, it, crops[0].shape[0] * world)
             it += 1
-            if it % args.log_every == 0 or stop["signal"]:
+            if it % args.log_every == 0:
                 meter.check_finite(niter_per_ep, args.output_dir)  # the one host sync, at intervals
                 if rank == 0:
                     bar.set_postfix(meter.postfix(loss, dino_loss.stats))
-            # Ctrl-C or SIGTERM (a cluster's time limit): save where we are and exit (at an epoch's end: below)
-            if it % niter_per_ep and stop_requested(stop, it, args.log_every, device):
-                meter.check_finite(niter_per_ep, args.output_dir)
-                state = training_state(parts, it, niter_per_ep, args, history, meter.sums)
-                save_and_exit(state, args.output_dir, epoch, stop, rank)
+            if stop_requested(stop, it, args.log_every, device):
+                break
         bar.close()
-        # the epoch's log line: mean loss, teacher entropy and KL (Fig. 7), the schedules' values, speed
         meter.check_finite(niter_per_ep, args.output_dir)
+        if it % niter_per_ep:  # a signal mid-epoch: save where the run is, with the epoch's running sums, and exit
+            save_and_exit(training_state(parts, it, niter_per_ep, args, history, meter.sums), args.output_dir,
+                          epoch, stop, rank)
+        # the epoch's log line: mean loss, teacher entropy and KL (Fig. 7), the schedules' values, speed
         log = {"epoch": epoch, **meter.means(), "lr": float(lr_schedule[it - 1]), "wd": float(wd_schedule[it - 1]),
                "momentum": float(momentum_schedule[it - 1]), "teacher_temp": dino_loss.teacher_temp(epoch),
                "img_per_s": meter.img_per_s()}
@@ -451,11 +449,10 @@ def main(args):
                 log["knn_top1"] = eval_knn.monitor_top1(teacher.backbone, *knn_sets, device=device)
                 log["knn_top1_student"] = eval_knn.monitor_top1(student.backbone, *knn_sets, device=device)
         history.append(log)
-        # checkpoint.pth, then log.txt rewritten from its history; a collapsed teacher stops the run with advice
         save_run(training_state(parts, it, niter_per_ep, args, history, None), args.output_dir, rank,
-                 args.saveckp_freq)
+                 args.saveckp_freq)  # checkpoint.pth, then log.txt rewritten from its history
         print_once(rank, " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
-        stop_if_collapsed(log, args, rank)
+        stop_if_collapsed(log, args, rank)  # a collapsed teacher stops the run, with advice
         if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
             print_once(rank, f"stopped after epoch {epoch} as asked; re-run without --stop_after_epoch to continue")
             break
@@ -470,6 +467,14 @@ def resolve_precision(precision, device):
         ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
         precision = "bf16" if ok else "fp32"
     return precision
+
+
+def mixed_precision(precision, device):
+    """One mixed-precision path: (a GradScaler that only fp16 needs, autocast in bf16 or fp16 or disabled)."""
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                              enabled=precision in ("bf16", "fp16"))
+    return scaler, autocast
 
 
 def epoch_loader(dataset, sampler, epoch, done, args, device):
