@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -129,6 +130,22 @@ def monitor_datasets(data, image_size, max_train=10000, max_val=2000):
     return tuple(sets)
 
 
+def labels_per_class(dataset, n, seed=0):
+    """The few-labels protocol (--labels_per_class): `n` training images of every class of `dataset`, a fixed choice
+    drawn with `seed` (the same images in eval_knn.py and eval_linear.py); the val set is never reduced. n < 1 or
+    more than a class has: data.DataError."""
+    targets = np.asarray(dataset.targets)
+    if n < 1:
+        raise data_lib.DataError(f"--labels_per_class {n}: give at least 1 image a class")
+    rng, chosen = np.random.default_rng(seed), []
+    for label, name in enumerate(dataset.classes):
+        own = np.flatnonzero(targets == label)  # this class's images
+        if len(own) < n:
+            raise data_lib.DataError(f"--labels_per_class {n}: class '{name}' has only {len(own)} training images")
+        chosen += rng.choice(own, n, replace=False).tolist()
+    return Subset(dataset, sorted(chosen))
+
+
 @torch.no_grad()
 def monitor_top1(model, train_dataset, val_dataset, device, k=20, temperature=0.07, batch_size=128, num_workers=0):
     """Online monitor for train.py: top-1 (%) of the weighted k-NN on `model`'s L2-normalised [CLS] features.
@@ -224,7 +241,7 @@ def run(args):
         data = eval_data(args, saved)
         train_dataset, val_dataset = eval_datasets(data, size)
         if args.labels_per_class is not None:
-            train_dataset = data_lib.labels_per_class(train_dataset, args.labels_per_class)
+            train_dataset = labels_per_class(train_dataset, args.labels_per_class)
         if rank == 0:
             what = "raw pixels" if args.raw_pixels else weights_name(args)
             print(f"{vit.describe(saved)} ({what}) on '{data}': {len(train_dataset)} train / {len(val_dataset)} "

@@ -38,7 +38,7 @@ import checkpoint
 import data as data_lib
 import distributed
 import vit
-from eval_knn import add_data_arg, eval_data, eval_datasets, extract_features, frozen_backbone  # as k-NN
+from eval_knn import add_data_arg, eval_data, eval_datasets, extract_features, frozen_backbone, labels_per_class
 
 
 def block_features(model, images, n_last_blocks=4, avgpool_patchtokens=False):
@@ -239,7 +239,7 @@ def run(args):
     train_dataset, val_dataset = eval_datasets(data, size, None if cache else train_transform(size))
     num_labels = len(train_dataset.classes)
     if args.labels_per_class is not None:
-        train_dataset = data_lib.labels_per_class(train_dataset, args.labels_per_class)
+        train_dataset = labels_per_class(train_dataset, args.labels_per_class)
     dim = model.embed_dim * (n + int(avgpool)) if is_vit else model.embed_dim
     what = f"[CLS] of {n} blocks{' + avg patch' if avgpool else ''}" if is_vit else "pooled last stage"
     log(f"{saved['arch']} ({args.pretrained or args.checkpoint_key}) on '{data}': {len(train_dataset)} train / "
