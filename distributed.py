@@ -192,9 +192,9 @@ def resume(output_dir, parts, args, niter_per_ep, rank):
 
 
 def save_run(state, output_dir, rank, keep_every=0):
-    """checkpoint.pth; at an epoch's end (no running sums) then log.txt from the history it holds, and every
-    `keep_every` epochs a copy, checkpointNNNN.pth. log.txt is only ever the checkpoint's history: a crash between the
-    two leaves it one line short and `resume` re-writes it, so no epoch is missing or doubled."""
+    """checkpoint.pth; at an epoch's end (a state without running sums) also log.txt, from the history it holds, and
+    every `keep_every` epochs a copy, checkpointNNNN.pth. log.txt is only ever the checkpoint's history: a crash
+    between the two leaves it one line short and `resume` re-writes it, so no epoch is missing or doubled."""
     if rank != 0:
         return
     with stopping_on_write_errors(output_dir):
