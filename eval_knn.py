@@ -15,6 +15,8 @@ ViT-S/16, 800 epochs): 74.5% top-1 with k = 20.
 
 Also used by train.py as an online monitor (Fig. 7-style curves of k-NN accuracy during training):
     sets = monitor_datasets("scatter", 64); top1 = monitor_top1(teacher.backbone, *sets, device=device)
+and by every evaluation script for what they share: the model (`frozen_backbone`, --random_init included), the data
+(`eval_data`, `eval_datasets`, `labels_per_class`: the few-labels protocol) and the features (`extract_features`).
 """
 import argparse
 import os
