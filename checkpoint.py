@@ -10,6 +10,7 @@ or of torchvision's ResNet-50 without its `fc`. All three load here:
     write_text("out/log.txt", text)                      # the same for any other file a run writes
     load_pretrained_weights(model, path, "teacher")      # strict: a file that does not fit says why, in one line
     saved = training_args(path)                          # {"arch": ..., "patch_size": ..., "depth": ..., ...}
+    add_weights_args(parser); run_script(run, args)      # an evaluation script's weight flags; one-line errors
 
 Every file a run writes goes through `write_atomic`: it is written whole or not at all, and a write that fails (full
 disk, no permission, read-only file system) removes its temporary file, leaves the old file as it was and raises
@@ -25,6 +26,7 @@ import argparse
 import contextlib
 import http.client
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -211,7 +213,8 @@ PRETRAINED_HELP = (f"released DINO weights instead of a checkpoint: {', '.join(R
 def add_weights_args(p, also=""):
     """The flags by which every evaluation script is told which weights to read: CHECKPOINT (ours, an official
     training checkpoint or a released backbone file), or --pretrained NAME; --checkpoint_key, and --arch/--patch for
-    a bare backbone file. `also`: what else makes CHECKPOINT unnecessary, for its help."""
+    a bare backbone file; --random_init, the baseline of the same shape. `also`: what else makes CHECKPOINT
+    unnecessary, for its help."""
     p.add_argument("checkpoint", nargs="?", help="our OUT/checkpoint.pth, an official training checkpoint or a "
                    f"released backbone file (then give --arch and --patch); not needed with --pretrained{also}")
     p.add_argument("--pretrained", default=None, metavar="NAME", help=PRETRAINED_HELP)
@@ -221,6 +224,19 @@ def add_weights_args(p, also=""):
                    "needed only for a bare backbone file")
     p.add_argument("--patch", "--patch_size", dest="patch_size", default=None, type=int,
                    help="patch size (8 or 16); needed only for a bare backbone file")
+    p.add_argument("--random_init", action="store_true", help="baseline: an untrained network of the same shape "
+                   "instead of the weights (the paper's 'random' rows: what the features owe to training)")
+
+
+def run_script(run, args, errors=(OSError, ValueError)):
+    """`run(args)` of an evaluation script, whose `errors` (a missing file, not a checkpoint, a wrong --arch, a bad
+    data folder) are one line on stderr. Returns the exit code: 0, or 2 after such an error."""
+    try:
+        run(args)
+    except errors as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    return 0
 
 
 def released_url(name):

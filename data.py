@@ -2,18 +2,15 @@
 
 - `ShapesDataset`: 64x64 RGB images of 10 shape classes, each with a foreground mask, drawn in seconds with
   numpy/PIL (no download ever) and cached under $DINO_CACHE or ~/.cache/dino_shapes. Labels serve evaluation only
-  (k-NN, linear probe, Sec. 3.2); training never reads them. Each variant is kept for what it teaches:
+  (k-NN, linear probe, Sec. 3.2); training never reads them. VARIANTS, each kept for what it teaches:
   `scatter` (the default): 4-8 small copies of the class shape, each with its own place, size, tilt and grey, on
       one dark grey for every image. Two views of an image share nothing but the shape, so DINO must learn shapes;
       raw pixels and an untrained network find few neighbours of the right class (docs/cpu_recipe.md).
   `scatter2`: the same with 10 other shapes (SHAPES2): the held-out sibling, never tuned on.
-  `silhouettes`: the ten shapes large, white on black, no clutter: an easy control on which DINO visibly learns
-      in minutes, and on which raw pixels already do well.
-  `shapes`: one large shape of a random colour on a cluttered colour gradient: the documented failure. Two
-      views share the background colours, and DINO matches views by the cheapest thing they share
-      (lab/notes/recipe.md).
-  The shapes are polygons inside the unit circle (SHAPES; SHAPES2: ten others), drawn at 2x and averaged 2x2
-  (cheap antialiasing); `render_image(rng, label, variant)` draws one image and its bool mask.
+  `shapes`: one large shape of a random colour on a cluttered colour gradient: the documented failure. Two views
+      share the background colours, and DINO matches views by the cheapest thing they share (lab/notes/recipe.md).
+  The shapes are polygons inside the unit circle, drawn at 2x and averaged 2x2 (cheap antialiasing);
+  `render_image(rng, label, variant)` draws one image and its bool mask. The lab registers its own (lab/variants.py).
 - `ImageFolderDataset`: ImageNet-style ROOT/{train,val}/<class>/<image> folders, read lazily; an unreadable or
   truncated file is skipped with a warning instead of crashing a run hours in.
 - `build_dataset(data, split, transform=None, masks_root=None)`: what train.py and eval_*.py call.
@@ -33,7 +30,7 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 # ============ drawing the embedded images ============
 MAX_TILT = np.deg2rad(25)  # how far an object may lean from upright
@@ -88,8 +85,6 @@ SHAPES2 = {  # the held-out variant, scatter2: ten other shapes
     "u_shape": [(_poly(-.8, -.9, -.4, -.9, -.4, .4, .4, .4, .4, -.9, .8, -.9, .8, .8, -.8, .8), 255)],
     "frame": [(_ngon(4, phase=np.pi / 4), 255), (_ngon(4, r=0.6, phase=np.pi / 4), 0)],
 }
-VARIANTS = {"scatter": (SHAPES, "scatter"), "scatter2": (SHAPES2, "scatter"), "silhouettes": (SHAPES, "plain"),
-            "shapes": (SHAPES, "gradient")}  # name -> (the shapes, how an image is drawn); see the docstring
 DEFAULT_DATA = "scatter"  # what train.py, data.py and the evaluations use when no --data is given
 
 
@@ -138,14 +133,16 @@ def _background(rng, fg, size):
 
 def render_image(rng, label, variant=DEFAULT_DATA, size=64, plain=False):
     """Draw one image of class `label`: returns uint8 (size, size, 3) and its bool (size, size) mask.
-    `plain=True` draws the same object in white on black, without clutter or noise (used by the tests)."""
-    shapes, style = VARIANTS[variant]
-    if style == "scatter":
-        return _render_scatter(rng, shapes, label, size, plain)
-    plain = plain or style == "plain"
+    `plain=True` draws the same object(s) in white on black, without clutter or noise (used by the tests)."""
+    shapes, draw = VARIANTS[variant]
+    return draw(rng, shapes, label, size, plain)
+
+
+def render_object(rng, shapes, label, size=64, plain=False, radius=(0.175, 0.375)):
+    """`shapes`: one large shape of class `label`, of a random colour, on a cluttered colour gradient (`_background`)
+    with pixel noise; `radius`: its range as a share of the side (35-75% of the side across)."""
     S = 2 * size  # draw at 2x and average 2x2 pixels: cheap antialiasing
-    # radius as a fraction of the side: the object spans 35-75% of the image side (50-70% for the silhouettes)
-    r = rng.uniform(*((0.25, 0.35) if style == "plain" else (0.175, 0.375))) * S
+    r = rng.uniform(*radius) * S
     cx, cy = rng.uniform(r, S - r, 2)  # anywhere it fits entirely
     # Objects stand roughly upright (±25°), as objects in photographs do: DINO's augmentations (crops, flips,
     # colour) teach no rotation invariance, and with any rotation both views of an image share an orientation
@@ -209,6 +206,10 @@ def _render_scatter(rng, shapes, label, size=64, plain=False):
     if not plain:
         img = img + rng.normal(0, 6, img.shape)  # sensor-like pixel noise
     return np.clip(np.round(img), 0, 255).astype(np.uint8), mask
+
+
+VARIANTS = {"scatter": (SHAPES, _render_scatter), "scatter2": (SHAPES2, _render_scatter),
+            "shapes": (SHAPES, render_object)}  # name -> (its shapes, how an image is drawn); see the docstring
 
 
 # ============ the embedded datasets ============
@@ -300,21 +301,6 @@ def class_balanced_indices(targets, n):
     all land on even indices, i.e. on 5 of the 10 classes.)"""
     by_class = np.argsort(np.asarray(targets), kind="stable")  # class 0's indices, then class 1's, ...
     return sorted(by_class[np.linspace(0, len(targets) - 1, n).round().astype(int)].tolist())
-
-
-def labels_per_class(dataset, n, seed=0):
-    """The few-labels protocol: `n` training images of every class, a fixed choice drawn with `seed` (the same images
-    in eval_knn.py and eval_linear.py); the val set is never reduced. n < 1 or more than a class has: DataError."""
-    targets = np.asarray(dataset.targets)
-    if n < 1:
-        raise DataError(f"--labels_per_class {n}: give at least 1 image a class")
-    rng, chosen = np.random.default_rng(seed), []
-    for label, name in enumerate(dataset.classes):
-        own = np.flatnonzero(targets == label)  # this class's images
-        if len(own) < n:
-            raise DataError(f"--labels_per_class {n}: class '{name}' has only {len(own)} training images")
-        chosen += rng.choice(own, n, replace=False).tolist()
-    return Subset(dataset, sorted(chosen))
 
 
 def make_folder_dataset(root, n_train, n_val, seed=0, size=64, variant=DEFAULT_DATA):

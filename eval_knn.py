@@ -15,11 +15,14 @@ ViT-S/16, 800 epochs): 74.5% top-1 with k = 20.
 
 Also used by train.py as an online monitor (Fig. 7-style curves of k-NN accuracy during training):
     sets = monitor_datasets("scatter", 64); top1 = monitor_top1(teacher.backbone, *sets, device=device)
+and by every evaluation script for what they share: the model (`frozen_backbone`, --random_init included), the data
+(`eval_data`, `eval_datasets`, `labels_per_class`: the few-labels protocol) and the features (`extract_features`).
 """
 import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -34,7 +37,6 @@ import vit
 
 
 # ----------------------------------------------------------------------------- the classifier
-
 @torch.no_grad()
 def knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes=None, chunk_size=100):
     """Weighted k-NN, the official semantics; features must be L2-normalised rows. Returns (top1, top5) in percent.
@@ -70,7 +72,6 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
 
 
 # ----------------------------------------------------------------------------- features
-
 class _WithIndex(Dataset):
     """(image, label, index): the index says where a sample's feature goes when processes share the work."""
 
@@ -131,6 +132,22 @@ def monitor_datasets(data, image_size, max_train=10000, max_val=2000):
     return tuple(sets)
 
 
+def labels_per_class(dataset, n, seed=0):
+    """The few-labels protocol (--labels_per_class): `n` training images of every class of `dataset`, a fixed choice
+    drawn with `seed` (the same images in eval_knn.py and eval_linear.py); the val set is never reduced. n < 1 or
+    more than a class has: data.DataError."""
+    targets = np.asarray(dataset.targets)
+    if n < 1:
+        raise data_lib.DataError(f"--labels_per_class {n}: give at least 1 image a class")
+    rng, chosen = np.random.default_rng(seed), []
+    for label, name in enumerate(dataset.classes):
+        own = np.flatnonzero(targets == label)  # this class's images
+        if len(own) < n:
+            raise data_lib.DataError(f"--labels_per_class {n}: class '{name}' has only {len(own)} training images")
+        chosen += rng.choice(own, n, replace=False).tolist()
+    return Subset(dataset, sorted(chosen))
+
+
 @torch.no_grad()
 def monitor_top1(model, train_dataset, val_dataset, device, k=20, temperature=0.07, batch_size=128, num_workers=0):
     """Online monitor for train.py: top-1 (%) of the weighted k-NN on `model`'s L2-normalised [CLS] features.
@@ -151,24 +168,45 @@ def monitor_top1(model, train_dataset, val_dataset, device, k=20, temperature=0.
 
 
 # ----------------------------------------------------------------------------- command line
-
-def frozen_backbone(args, device, vit_needed=None):
+def frozen_backbone(args, device, vit_needed=None, seed=0):
     """The network to evaluate, in eval mode on `device`, and its training args: a checkpoint file or --pretrained
     NAME (vit.from_args; `vit_needed`: what a ViT-only evaluation reads), or with `args.random_init` an untrained
-    network of that shape (seed 0). Also used by eval_retrieval.py and eval_video_segmentation.py."""
+    network of that shape (from `seed`). What every evaluation script evaluates."""
     model, saved = vit.from_args(args, vit_needed)
     if getattr(args, "random_init", False):  # same shape, fresh weights: what the features owe to training
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = vit.build_like(saved)
     return model.to(device).eval(), saved
+
+
+def weights_name(args):
+    """What a script evaluates, for its first line: 'random init', the released name or the checkpoint's network."""
+    return "random init" if args.random_init else args.pretrained or args.checkpoint_key
+
+
+def add_data_arg(p):
+    """--data of the evaluations on a labelled train/ and val/ split (k-NN, linear probe, retrieval)."""
+    p.add_argument("--data", default=None, help=f"an embedded dataset ({', '.join(data_lib.VARIANTS)}) or a folder "
+                   f"with train/ and val/ class folders; default: the data the checkpoint was trained on, else "
+                   f"'{data_lib.DEFAULT_DATA}'")
+
+
+def eval_data(args, saved):
+    """--data, else the data the checkpoint was trained on (`saved`: its training args), else the embedded default."""
+    return args.data or saved.get("data") or data_lib.DEFAULT_DATA
+
+
+def eval_datasets(data, size, train_transform=None):
+    """(train, val) of `data`: val with the evaluation transform at `size`, train too unless `train_transform`."""
+    transform = augment.eval_transform(size)
+    train = data_lib.build_dataset(data, "train", train_transform or transform)
+    return train, data_lib.build_dataset(data, "val", transform)
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("eval_knn.py", description="Weighted k-NN on frozen DINO features (Sec. 3.2).")
     checkpoint.add_weights_args(p, also=" or --load_features")
-    p.add_argument("--data", default=None, help=f"an embedded dataset ({', '.join(data_lib.VARIANTS)}) or a folder "
-                   f"with train/ and val/ class folders; default: the data the checkpoint was trained on, else "
-                   f"'{data_lib.DEFAULT_DATA}'")
+    add_data_arg(p)
     p.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int,
                    help="numbers of neighbours to try; 20 usually works best (default: %(default)s)")
     p.add_argument("--temperature", default=0.07, type=float,
@@ -179,8 +217,6 @@ def get_args_parser():
                    help="images per forward pass, per process (default: %(default)s)")
     p.add_argument("--num_workers", default=2, type=int, help="data loading processes per process; raise it for "
                    "image folders on a big machine, the official code uses 10 (default: %(default)s)")
-    p.add_argument("--random_init", action="store_true", help="baseline: an untrained network of the checkpoint's "
-                   "shape (seed 0) instead of its weights")
     p.add_argument("--raw_pixels", action="store_true", help="baseline: the flattened pixels of the evaluation view "
                    "as features (no network)")
     p.add_argument("--labels_per_class", default=None, type=int, metavar="N", help="few labels: the labelled train "
@@ -204,15 +240,12 @@ def run(args):
         if args.raw_pixels:  # (B, 3, H, W) normalised pixels -> (B, 3*H*W)
             model = torch.nn.Flatten()
         size = checkpoint.eval_image_size(args.image_size, saved)
-        data = args.data or saved.get("data") or data_lib.DEFAULT_DATA  # else the data it was trained on
-        transform = augment.eval_transform(size)
-        train_dataset = data_lib.build_dataset(data, "train", transform)
+        data = eval_data(args, saved)
+        train_dataset, val_dataset = eval_datasets(data, size)
         if args.labels_per_class is not None:
-            train_dataset = data_lib.labels_per_class(train_dataset, args.labels_per_class)
-        val_dataset = data_lib.build_dataset(data, "val", transform)
+            train_dataset = labels_per_class(train_dataset, args.labels_per_class)
         if rank == 0:
-            what = "raw pixels" if args.raw_pixels else "random init" if args.random_init else \
-                args.pretrained or args.checkpoint_key
+            what = "raw pixels" if args.raw_pixels else weights_name(args)
             print(f"{vit.describe(saved)} ({what}) on '{data}': {len(train_dataset)} train / {len(val_dataset)} "
                   f"val images at {size}px")
         train_features, train_labels = extract_features(model, train_dataset, device, args.batch_size,
@@ -240,12 +273,7 @@ def main(argv=None):
         parser.error("a checkpoint is required (or --pretrained NAME, or --load_features DIR)")
     if args.load_features and args.labels_per_class is not None:
         parser.error("--labels_per_class chooses among the images: it cannot cut features loaded by --load_features")
-    try:
-        run(args)
-    except (OSError, ValueError) as e:  # missing file, not a checkpoint, wrong arch, bad data folder: one line
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
-    return 0
+    return checkpoint.run_script(run, args)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import checkpoint
 import data as data_lib
 import distributed
 import vit
-from eval_knn import extract_features, frozen_backbone  # features as k-NN takes them (sharded under torchrun)
+from eval_knn import add_data_arg, eval_data, eval_datasets, extract_features, frozen_backbone, labels_per_class
 
 
 def block_features(model, images, n_last_blocks=4, avgpool_patchtokens=False):
@@ -188,17 +188,13 @@ def train_linear(linear, train_loader, val_loader, epochs, lr, device, embed=Non
 def get_args_parser():
     p = argparse.ArgumentParser("eval_linear.py", description="Linear probe on frozen DINO features (Sec. 3.2).")
     checkpoint.add_weights_args(p)
-    p.add_argument("--data", default=None, help=f"an embedded dataset ({', '.join(data_lib.VARIANTS)}) or a folder "
-                   f"with train/ and val/ class folders; default: the data the checkpoint was trained on, else "
-                   f"'{data_lib.DEFAULT_DATA}'")
+    add_data_arg(p)
     p.add_argument("--epochs", default=None, type=int, help="training epochs (default: 100, as official; 30 with "
                    "--finetune, minutes on a CPU)")
     p.add_argument("--finetune", action="store_true", help="train the backbone too (Table 6): AdamW, weight decay "
                    "0.05, the backbone at --backbone_lr_scale x the lr, always on augmented images")
     p.add_argument("--backbone_lr_scale", default=0.1, type=float, help="with --finetune: the backbone's learning "
                    "rate as a share of the layer's (default: %(default)s)")
-    p.add_argument("--random_init", action="store_true", help="baseline: an untrained network of the checkpoint's "
-                   "shape (seed 0) instead of its weights")
     p.add_argument("--labels_per_class", default=None, type=int, metavar="N", help="few labels: the labelled train "
                    "set cut to N images a class (a fixed seeded choice, the same as eval_knn.py's); val untouched")
     p.add_argument("--lr", default=0.001, type=float, help="learning rate for a total batch of 256, scaled linearly "
@@ -237,17 +233,15 @@ def run(args):
     if is_vit and not 1 <= n <= len(model.blocks):
         raise ValueError(f"--n_last_blocks {n}: the model has {len(model.blocks)} blocks")
     size = checkpoint.eval_image_size(args.image_size, saved)
-    data = args.data or saved.get("data") or data_lib.DEFAULT_DATA  # else the data it was trained on
+    data = eval_data(args, saved)
     cache = bool(data in data_lib.VARIANTS if args.cache_features is None else args.cache_features)
     if args.finetune and args.cache_features:
         raise ValueError("--finetune trains the backbone: its features cannot be cached (leave out --cache_features)")
     cache = cache and not args.finetune
-    val_tf = augment.eval_transform(size)
-    train_dataset = data_lib.build_dataset(data, "train", val_tf if cache else train_transform(size))
-    val_dataset = data_lib.build_dataset(data, "val", val_tf)
+    train_dataset, val_dataset = eval_datasets(data, size, None if cache else train_transform(size))
     num_labels = len(train_dataset.classes)
     if args.labels_per_class is not None:
-        train_dataset = data_lib.labels_per_class(train_dataset, args.labels_per_class)
+        train_dataset = labels_per_class(train_dataset, args.labels_per_class)
     dim = model.embed_dim * (n + int(avgpool)) if is_vit else model.embed_dim
     what = f"[CLS] of {n} blocks{' + avg patch' if avgpool else ''}" if is_vit else "pooled last stage"
     log(f"{saved['arch']} ({args.pretrained or args.checkpoint_key}) on '{data}': {len(train_dataset)} train / "
@@ -302,13 +296,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        run(args)
-    except (OSError, ValueError) as e:  # missing file, not a checkpoint, wrong arch, bad data folder: one line
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
-    return 0
+    return checkpoint.run_script(run, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -5,26 +5,18 @@ feature); a query ranks the database by cosine similarity, and mean average prec
 trapezoid rule of the Oxford / Holidays evaluation code that the official scripts use: the j-th relevant image
 (j = 0, 1, ...) found at rank r adds ((j / r) + (j + 1) / (r + 1)) / 2 / n_relevant (j / r read as 1 at r = 0).
 
-- default, retrieval: the val images of the checkpoint's data are the queries, its train images the database, and
-  an image is relevant when it has the query's class.
-- `--revisited ROOT --dataset roxford5k|rparis6k`: the revisited Oxford / Paris files (ROOT/<dataset>/gnd_<dataset>.pkl
-  and jpg/), mAP for the Medium and Hard protocols, as the official eval_image_retrieval.py: each image shrunk to fit
-  --imsize x --imsize (PIL thumbnail, Lanczos; never enlarged), whole; `--multiscale` averages the [CLS] of the
-  image at scales 1, 1/√2 and 1/2 (bilinear) before normalising. Paper, Table 3 (Medium / Hard mAP), ViT-S/16
-  trained on ImageNet: ROx 41.8 / 13.7, RPar 63.1 / 34.4; trained on Google Landmarks v2 (`--pretrained
-  dino_vits16_gldv2`): ROx 51.5 / 24.3, RPar 75.3 / 51.6. The official README runs rparis6k with `--imsize 512
-  --multiscale` and roxford5k at 224 without.
+- default, retrieval: the checkpoint data's val images query its train images; those of the query's class are relevant.
+- `--revisited ROOT --dataset roxford5k|rparis6k`: revisited Oxford / Paris, mAP for the Medium and Hard protocols
+  as the official eval_image_retrieval.py (images shrunk to fit --imsize, whole; `--multiscale`). Paper, Table 3
+  (Medium / Hard), ViT-S/16 on ImageNet: ROx 41.8 / 13.7, RPar 63.1 / 34.4; on Google Landmarks v2 (`--pretrained
+  dino_vits16_gldv2`): ROx 51.5 / 24.3, RPar 75.3 / 51.6 (the official README: rparis6k at 512 with multiscale).
 - `--mode copydetection`, a stand-in on the checkpoint's data: each val image is the original of one query, a
-  strongly augmented copy of it (a DINO global view: crop 40-100%, flip, colour jitter, grey, blur, solarize); the
-  database holds the originals and the train images as distractors, the original is the one relevant answer;
-  [CLS] only, no whitening, the whole ranking scored. On `scatter` it is near chance.
-- `--copydays ROOT [--distractors DIR] [--whitening DIR]`, the official eval_copy_detection.py protocol on a
-  Copydays folder (ROOT/original, ROOT/strong, ROOT/jpegqual/<q>, ROOT/crops/<c>, *.jpg): images resized to 320 x 320
-  (bicubic), features [CLS] + GeM-pooled patch tokens (p = 4) of the last block, centred and whitened (PCA, whitening
-  power 0.5) on the --whitening images, the database = the originals + the distractors, AP over the top 20. A
-  strong copy's originals share the first 4 letters of its name, other copies match originals in file order. Prints
-  the mAP of each block, then `mAP: X` of "strong". Paper, Table 4 (strong, 10k YFCC100M distractors, whitening
-  learnt on 20k others): ViT-B/8 at 320 px 85.5 mAP.
+  strongly augmented copy of it (a DINO global view); the train images are distractors; [CLS] only, no whitening,
+  the whole ranking scored. On `scatter` it is near chance.
+- `--copydays ROOT`, the official eval_copy_detection.py protocol on Copydays: 320 x 320 images, [CLS] + GeM-pooled
+  patch tokens (`cls_gem`), whitened on --whitening images, the originals + --distractors as database, AP over the
+  top 20; the mAP of each block, then `mAP: X` of "strong". Paper, Table 4 (strong, 10k YFCC100M distractors,
+  whitening learnt on 20k others): ViT-B/8 at 320 px 85.5 mAP.
 
     python eval_retrieval.py OUT/checkpoint.pth                        # val queries, train database: `mAP: X`
     python eval_retrieval.py OUT/checkpoint.pth --random_init          # the same network, untrained
@@ -49,11 +41,10 @@ import augment
 import checkpoint
 import data as data_lib
 import vit
-from eval_knn import extract_features, frozen_backbone  # the features and the model, as k-NN takes them
+from eval_knn import add_data_arg, eval_data, eval_datasets, extract_features, frozen_backbone, weights_name
 
 
 # ----------------------------------------------------------------------------- mean average precision
-
 @torch.no_grad()
 def mean_average_precision(similarity, relevant, junk=None, top=None, chunk_size=256):
     """mAP (fraction) of the rankings of the database by `similarity` (Q, N), `relevant` (Q, N) bool the right
@@ -83,7 +74,6 @@ def mean_average_precision(similarity, relevant, junk=None, top=None, chunk_size
 
 
 # ----------------------------------------------------------------------------- features
-
 def multi_scale(model):
     """The official utils.multi_scale as a model: the mean of the features of the image at scales 1, 1/√2 and 1/2
     (bilinear, by `scale_factor`, no antialias). The official divides it by one norm for the batch; every row is
@@ -115,7 +105,6 @@ def whitening(features, power=0.5):
 
 
 # ----------------------------------------------------------------------------- queries and databases
-
 class StrongCopies(Dataset):
     """A strongly augmented copy of each image of `dataset` (image i from the generator seeded by (seed, i)): a DINO
     global view (flip, crop 40-100%, colour jitter, grey, blur, solarize), uint8 (3, size, size), label i."""
@@ -182,10 +171,6 @@ def copydays_relevance(root, block, n_database):
     return relevant
 
 
-def class_relevance(query_labels, database_labels):
-    return query_labels[:, None] == database_labels[None]  # (Q, N)
-
-
 def revisited_relevance(gnd, n, protocol):
     """(relevant, junk) (Q, N) bool for the Medium (easy and hard relevant) or Hard protocol (hard relevant; easy
     images become junk), as the revisited Oxford / Paris evaluation."""
@@ -198,7 +183,6 @@ def revisited_relevance(gnd, n, protocol):
 
 
 # ----------------------------------------------------------------------------- command line
-
 def bool_flag(s):
     """`--multiscale`, or as the official command lines write it, `--multiscale 1` / `--multiscale 0`."""
     if str(s).lower() in ("1", "true", "on", "yes"):
@@ -212,30 +196,22 @@ def get_args_parser():
     p = argparse.ArgumentParser("eval_retrieval.py", description="Image retrieval and copy detection on frozen "
                                 "features (Sec. 4.2.1): prints the mean average precision, `mAP: X`.")
     checkpoint.add_weights_args(p)
-    p.add_argument("--random_init", action="store_true", help="baseline: an untrained network of the same shape")
-    p.add_argument("--mode", default="retrieval", choices=["retrieval", "copydetection"], help="retrieval: val "
-                   "queries, train database, same class relevant; copydetection: augmented copies of the val images "
-                   "as queries, their originals the one relevant answer (default: %(default)s)")
-    p.add_argument("--data", default=None, help=f"an embedded dataset ({', '.join(data_lib.VARIANTS)}) or a folder "
-                   "with train/ and val/ class folders; default: the data the checkpoint was trained on, else "
-                   f"'{data_lib.DEFAULT_DATA}'")
+    p.add_argument("--mode", default="retrieval", choices=["retrieval", "copydetection"], help="retrieval: the "
+                   "class of val queries in the train images; copydetection: their copies' originals (%(default)s)")
+    add_data_arg(p)
     p.add_argument("--revisited", default=None, metavar="ROOT", help="instead of --data: the revisited Oxford / "
                    "Paris folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/")
     p.add_argument("--dataset", default="roxford5k", choices=["roxford5k", "rparis6k"], help="with --revisited "
                    "(default: %(default)s)")
     p.add_argument("--copydays", default=None, metavar="ROOT", help="instead of --data: copy detection on a "
                    "Copydays folder (original/, strong/, jpegqual/*/, crops/*/), the official protocol")
-    p.add_argument("--distractors", default=None, metavar="DIR", help="with --copydays: images added to the "
-                   "database (the paper: 10k random YFCC100M images)")
-    p.add_argument("--whitening", default=None, metavar="DIR", help="with --copydays: images to learn the whitening "
-                   "on (the paper: 20k other YFCC100M images); without it, no whitening")
-    p.add_argument("--image_size", "--imsize", dest="image_size", default=None, type=int, help="evaluation size; "
-                   "default: the checkpoint's global crop size, else 224. With --revisited the image is shrunk to "
-                   "fit this square (official --imsize: 224 for Oxford, 512 for Paris); with --copydays it is "
-                   "resized to it (default there: 320)")
-    p.add_argument("--multiscale", nargs="?", const="1", default="0", metavar="0|1", help="average the "
-                   "features of scales 1, 1/√2, 1/2 (official; its README uses it for rparis6k at --imsize 512); "
-                   "not with --copydays")
+    p.add_argument("--distractors", default=None, metavar="DIR", help="with --copydays: images added to the database")
+    p.add_argument("--whitening", default=None, metavar="DIR", help="with --copydays: images to learn whitening on")
+    p.add_argument("--image_size", "--imsize", dest="image_size", default=None, type=int, help="evaluation size "
+                   "(default: the checkpoint's global crop size, else 224); with --revisited the square the image is "
+                   "shrunk to fit (official: 224 Oxford, 512 Paris); with --copydays its side (default there: 320)")
+    p.add_argument("--multiscale", nargs="?", const="1", default="0", metavar="0|1", help="average the features "
+                   "of scales 1, 1/√2, 1/2 (official: rparis6k at --imsize 512); not with --copydays")
     p.add_argument("--seed", default=0, type=int, help="seed of the copies' augmentations (default: %(default)s)")
     p.add_argument("--batch_size", default=128, type=int, help="images per forward pass (default: %(default)s)")
     p.add_argument("--num_workers", default=2, type=int, help="data loading processes (default: %(default)s)")
@@ -281,8 +257,7 @@ def run(args):
         raise ValueError("--multiscale is for retrieval; the official copy detection has none")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, saved = frozen_backbone(args, device)
-    what = "random init" if args.random_init else args.pretrained or args.checkpoint_key
-    describe = f"{vit.describe(saved)} ({what}{', multiscale' if args.multiscale else ''})"
+    describe = f"{vit.describe(saved)} ({weights_name(args)}{', multiscale' if args.multiscale else ''})"
     if args.copydays:
         return copy_detection(model, args, device, describe)
     size = checkpoint.eval_image_size(args.image_size, saved)
@@ -300,35 +275,25 @@ def run(args):
             relevant, junk = revisited_relevance(gnd, len(database), protocol)
             print(f"mAP {protocol.capitalize()}: {100 * mean_average_precision(similarity, relevant, junk):.2f}")
         return
-    data = args.data or saved.get("data") or data_lib.DEFAULT_DATA  # else the data it was trained on
-    transform = augment.eval_transform(size)
-    train = data_lib.build_dataset(data, "train", transform)
-    val = data_lib.build_dataset(data, "val", transform)
+    data = eval_data(args, saved)
+    train, val = eval_datasets(data, size)
     if args.mode == "retrieval":
         queries, database = val, train
         print(f"{describe} on '{data}': {len(queries)} val queries, {len(database)} train images, same class "
               f"relevant, {size}px")
-        q, d = features(queries), features(database)
-        relevant = class_relevance(torch.tensor(queries.targets), torch.tensor(database.targets))
+        relevant = torch.tensor(queries.targets)[:, None] == torch.tensor(database.targets)[None]  # (Q, N)
     else:
         queries = StrongCopies(data_lib.build_dataset(data, "val"), size, args.seed)  # copy i of val image i
         database = ConcatDataset([val, train])  # the originals first, then the distractors
         print(f"{describe} on '{data}': {len(queries)} strong copies of the val images, {len(val)} originals + "
               f"{len(train)} train distractors, {size}px")
-        q, d = features(queries), features(database)
-        relevant = torch.zeros(len(queries), len(database), dtype=torch.bool)
-        relevant[torch.arange(len(queries)), torch.arange(len(queries))] = True  # query i is a copy of image i
+        relevant = torch.eye(len(queries), len(database), dtype=torch.bool)  # query i is a copy of image i
+    q, d = features(queries), features(database)
     print(f"mAP: {100 * mean_average_precision(q @ d.T, relevant):.2f}")
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        run(args)
-    except (OSError, ValueError, KeyError) as e:  # missing file, not a checkpoint, bad data folder: one line
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
-    return 0
+def main(argv=None):  # a missing file, not a checkpoint, a bad data folder or ground-truth file: one line
+    return checkpoint.run_script(run, get_args_parser().parse_args(argv), (OSError, ValueError, KeyError))
 
 
 if __name__ == "__main__":

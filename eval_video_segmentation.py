@@ -51,7 +51,6 @@ VIDEO_MEAN, VIDEO_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------- label propagation
-
 def neighbourhood(h, w, size):
     """(h*w, h*w) bool: patch j lies within `size` patches of patch i in both directions (official
     restrict_neighborhood; symmetric)."""
@@ -113,7 +112,6 @@ def segment_video(model, frames, first_seg, n_last_frames=7, topk=5, size_mask_n
 
 
 # ----------------------------------------------------------------------------- J and F (davis2017-evaluation)
-
 def region_similarity(pred, gt):
     """J = |pred ∩ gt| / |pred ∪ gt| of two bool masks; 1 when both are empty."""
     union = np.logical_or(pred, gt).sum()
@@ -165,7 +163,6 @@ def score_video(preds, gts):
 
 
 # ----------------------------------------------------------------------------- videos
-
 def frame_size(h, w, size):
     """The official resize: the short side to `size`, the long side in proportion, rounded down to a multiple of 64."""
     if h > w:
@@ -259,12 +256,10 @@ def evaluate(model, videos, size=None, n_last_frames=7, topk=5, size_mask_neighb
 
 
 # ----------------------------------------------------------------------------- command line
-
 def get_args_parser():
     p = argparse.ArgumentParser("eval_video_segmentation.py", description="Video object segmentation by label "
                                 "propagation on frozen patch features (Sec. 4.2.2, Table 5): prints J&F-Mean.")
     checkpoint.add_weights_args(p)
-    p.add_argument("--random_init", action="store_true", help="baseline: an untrained network of the same shape")
     p.add_argument("--data", default="synthetic", help="'synthetic' (the embedded videos) or a DAVIS-2017 folder "
                    "(default: %(default)s)")
     p.add_argument("--image_size", default=None, type=int, help="short side of the frames the network sees, a "
@@ -287,9 +282,8 @@ def run(args):
     synthetic = args.data == "synthetic"
     videos = data_lib.synthetic_videos() if synthetic else davis_videos(args.data)
     size = args.image_size or (None if synthetic else 480)
-    what = "random init" if args.random_init else args.pretrained or args.checkpoint_key
-    print(f"{saved['arch']}/{model.patch_size}, {len(model.blocks)} blocks ({what}) on '{args.data}'"
-          f"{f' at {size}px' if size else ''}: {args.n_last_frames} previous frames, top-{args.topk}, "
+    print(f"{saved['arch']}/{model.patch_size}, {len(model.blocks)} blocks ({eval_knn.weights_name(args)}) on "
+          f"'{args.data}'{f' at {size}px' if size else ''}: {args.n_last_frames} previous frames, top-{args.topk}, "
           f"neighbourhood {args.size_mask_neighborhood}")
     J, Fs = evaluate(model, videos, size, args.n_last_frames, args.topk, args.size_mask_neighborhood, args.output_dir)
     j, f = 100 * float(np.mean(J)), 100 * float(np.mean(Fs))
@@ -297,13 +291,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        run(args)
-    except (OSError, ValueError) as e:  # missing file, not a checkpoint, wrong arch, bad data folder: one line
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
-    return 0
+    return checkpoint.run_script(run, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ statistics of Fig. 7: the teacher entropy h(P_t) and KL(P_t ‖ P_s) = H(P_t, P_
 `centering="sinkhorn"` replaces the centre by the Sinkhorn-Knopp normalisation of DINOv2 (Oquab et al. 2023,
 Sec. 4, from SwAV): P_t is rescaled, within the global batch, so that every prototype receives the same total mass.
 `koleo_loss` is DINOv2's KoLeo regulariser, which the CPU preset adds to the loss (docs/cpu_recipe.md).
+`stop_if_collapsed` reads an epoch's mean teacher entropy (train.py's log line) and stops a collapsed run with advice.
 """
 import math
+import sys
 
 import numpy as np
 import torch
@@ -137,3 +139,28 @@ def collapse_kind(entropy, out_dim):
     """Fig. 7: a mean teacher entropy near 0 is the collapse to one dimension, near log K the collapse to uniform."""
     log_k = math.log(out_dim)
     return "one-hot" if entropy < 0.05 * log_k else "uniform" if entropy > 0.98 * log_k else None
+
+
+COLLAPSE_ADVICE = {
+    "one-hot": "every image maps to the same dimension (sharpening not balanced by centring); try --centering "
+               "sinkhorn, a higher --teacher_temp or a lower --lr",
+    "uniform": "the teacher output is uniform (centring not balanced by sharpening); try --koleo_weight 0.1 (the "
+               "cpu preset's, measured in docs/cpu_recipe.md) or higher, or a lower --teacher_temp",
+}
+
+
+def stop_if_collapsed(log, args, rank):
+    """Warn when the teacher stayed collapsed for a whole epoch after the first; exit 3 with --stop_on_collapse.
+    `log`: the epoch's log line (its mean teacher entropy); only the first process (rank 0) prints."""
+    epoch = log["epoch"]
+    kind = collapse_kind(log["teacher_entropy"], args.out_dim) if epoch >= 1 else None
+    if not kind:
+        return
+    if rank == 0:
+        print(f"warning: teacher collapsed ({kind}, mean entropy {log['teacher_entropy']:.3f} of log K = "
+              f"{math.log(args.out_dim):.3f} over epoch {epoch}): {COLLAPSE_ADVICE[kind]}", file=sys.stderr)
+    if args.stop_on_collapse:
+        if rank == 0:
+            print(f"stopped: the teacher collapsed; the checkpoint of epoch {epoch} is in {args.output_dir} "
+                  "(--stop_on_collapse false trains on regardless)", file=sys.stderr)
+        sys.exit(3)

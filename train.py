@@ -4,25 +4,13 @@
     python train.py --data /path/to/images            # the paper recipe on an image folder (one GPU)
     torchrun --nproc_per_node=8 train.py --arch vit_small --patch 16 --data /path/imagenet/train
 
-Read `train_one_step` first: it is the DINO step of Alg. 1 and nothing else (train.py's loop, benchmark.py and the
-tests all run this one function). `main` builds the data, the two networks and the schedules and loops over the
-steps; the bookkeeping of a long run (resume, signals, non-finite losses, logs, checkpoints) is in small helpers
-below it. The same file runs under `python` and `torchrun` (distributed.py). Re-running the same command in the
-same --output_dir resumes; SIGINT/SIGTERM saves a checkpoint at the next step boundary.
-Outputs: OUT/checkpoint.pth (resumable; checkpoint.py), OUT/log.txt (one JSON line per epoch: the history that
-checkpoint.pth holds, re-written whole after each save and on resume, so the two agree after any crash). Every file
-is written whole or not at all; one that cannot be written (full disk, no permission) stops the run with one line
-saying what is kept (exit code 2): training on with no way to save would only lose more work later.
+Read `train_one_step` first: the DINO step of Alg. 1 and nothing else (train.py's loop, benchmark.py and the tests
+all run this one function). `main` is Alg. 1 around it: data, networks, loss, optimizer and schedules, then the loop
+with a log line (OUT/log.txt) and a checkpoint (OUT/checkpoint.pth) per epoch. Re-running the same command resumes;
+the bookkeeping of a long run (resume, signals, files that cannot be written) is distributed.py's.
 """
 import argparse
-import contextlib
-import errno
-import json
-import math
-import os
-import signal
 import sys
-import time
 
 import numpy as np
 import torch
@@ -39,8 +27,10 @@ import distributed
 import eval_knn
 import exercises
 import vit
+from distributed import (EpochMeter, UserError, catch_stop_signals, loader_workers, print_once, resume, save_and_exit,
+                         save_run, stop_requested, training_state)
 from head import DINOHead
-from loss import DINOLoss, collapse_kind, koleo_loss
+from loss import DINOLoss, koleo_loss, stop_if_collapsed
 
 # Recipes: the paper's (Sec. 3.2) and a small one that learns on 2 CPU cores in minutes; each value has its flag.
 PRESETS = {
@@ -119,17 +109,6 @@ HELP = {
                "previous_iter (the student before this step) or previous_epoch (the student at the last epoch's end).",
 }
 TEACHERS = ("momentum", "student", "previous_iter", "previous_epoch")
-# changing these on resume would silently change the schedules or the model
-SCHEDULE_KEYS = ["arch", "patch_size", "depth", "out_dim", "use_bn_in_head", "epochs", "batch_size", "world_size",
-                 "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher", "centering",
-                 "koleo_weight", "center_momentum", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
-                 "freeze_last_layer", "local_crops_number", "color_jitter", "data", "global_size", "local_size", "seed",
-                 "no_centering", "no_sharpening", "optimizer", "curriculum_epochs", "curriculum_sizes", "patch_drop",
-                 "teacher"]
-
-
-class UserError(Exception):
-    """A mistake in the command or the files: reported as one line, exit code 2."""
 
 
 # ============ the command line ============
@@ -278,6 +257,21 @@ def build_model(args, drop_path_rate):
     return MultiCropWrapper(backbone, head)
 
 
+def student_and_teacher(args, rank, device):
+    """g = head ∘ backbone (Sec. 3.1), twice: the teacher starts as a copy of the student (head included), without
+    drop-path or gradients. Returns (student, teacher, the student wrapped by DDP under torchrun, or itself)."""
+    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts it)
+    student = build_model(args, args.drop_path_rate).to(device)
+    teacher = build_model(args, 0.0).to(device)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    if (args.use_bn_in_head or args.arch in vit.RESNETS) and dist.is_initialized() and device.type == "cuda":  # SyncBN
+        student, teacher = map(nn.SyncBatchNorm.convert_sync_batchnorm, (student, teacher))
+    student_ddp = DistributedDataParallel(student) if dist.is_initialized() else student  # the teacher needs none
+    torch.manual_seed(args.seed + rank)  # from here: drop-path draws, different on every rank
+    return student, teacher, student_ddp
+
+
 # ============ optimisation: schedules, weight-decay groups, clipping, the momentum teacher ============
 def cosine_schedule(base, final, epochs, niter_per_ep, warmup_epochs=0, start_warmup=0.0):
     """One value per iteration: linear warm-up from start_warmup to base, then cosine from base to final."""
@@ -285,6 +279,19 @@ def cosine_schedule(base, final, epochs, niter_per_ep, warmup_epochs=0, start_wa
     iters = np.arange(epochs * niter_per_ep - len(warmup))
     cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))
     return np.concatenate((warmup, cosine))[: epochs * niter_per_ep]
+
+
+def schedules(args, niter_per_ep):
+    """Sec. 3.2: lr linear warm-up to lr·B/256 ("linear scaling rule"), then cosine to min_lr; weight decay cosine
+    0.04 → 0.4; teacher momentum cosine m → 1. Fig. 6's other teachers copy the student (m = 0): at every step, or at
+    epoch ends only (previous_epoch: m = 1 within an epoch, the copy made by main)."""
+    lr = cosine_schedule(args.lr * args.batch_size * args.world_size / 256, args.min_lr, args.epochs, niter_per_ep,
+                         args.warmup_epochs)
+    wd = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep)
+    momentum = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, niter_per_ep)
+    if args.momentum_teacher == 0 or args.teacher != "momentum":
+        momentum[:] = 1.0 if args.teacher == "previous_epoch" else 0.0
+    return lr, wd, momentum
 
 
 def crop_sizes(args, epoch):
@@ -384,88 +391,56 @@ def train_one_step(student, teacher, dino_loss, optimizer, scaler, autocast, cro
 # ============ Alg. 1 with its data, networks and schedules ============
 def main(args):
     exercises.install(args.exercise, error=UserError)  # EXERCISES.md: the student's functions, if any
-    # one process (python) or one per GPU (torchrun): rank, number of processes, and the device of this one
-    rank, world, device = distributed.init()
-    precision = resolve_precision(args.precision, device)
-    args.world_size = world
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    rank, world, device = distributed.init()  # one process (python) or one per GPU (torchrun)
+    precision, args.world_size = resolve_precision(args.precision, device), world
 
-    # ============ data: 2 global + N local views per image (Sec. 3.1 "multi-crop") ============
+    # data: 2 global + N local views per image (Sec. 3.1 "multi-crop"); labelled images for the online k-NN monitor
     dataset, sampler, niter_per_ep = multicrop_data(args, rank, world)
-    # held-back labelled images for the online k-NN monitor (labels serve evaluation only, never training)
     knn_sets = eval_knn.monitor_datasets(args.data, args.global_size, 2500, 1000) if args.knn_every else None
-
-    # ============ student and teacher: same architecture, same initial weights ============
-    # g = head ∘ backbone (Sec. 3.1): a ViT, then a 3-layer MLP, ℓ2 norm and a weight-normalised K-way layer
-    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts it)
-    student = build_model(args, args.drop_path_rate).to(device)
-    teacher = build_model(args, 0.0).to(device)  # no drop-path in the teacher
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)  # the teacher is never trained by gradients, only by the EMA of the student
-    if (args.use_bn_in_head or args.arch in vit.RESNETS) and dist.is_initialized() and device.type == "cuda":  # SyncBN
-        student, teacher = map(nn.SyncBatchNorm.convert_sync_batchnorm, (student, teacher))
-    # under torchrun the student's gradients are averaged over the processes; the teacher needs no wrapper
-    student_ddp = DistributedDataParallel(student) if dist.is_initialized() else student
-    torch.manual_seed(args.seed + rank)  # from here: drop-path draws, different on every rank
+    student, teacher, student_ddp = student_and_teacher(args, rank, device)  # same architecture, same weights
     # Eq. 3 with the centre c and the teacher temperature schedule (loss.py)
     dino_loss = DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs, center_momentum=args.center_momentum,
                          centering="none" if args.no_centering else args.centering,
                          sharpening=not args.no_sharpening).to(device)
-    # AdamW (Sec. 3.2), or SGD or LARS for a convnet; lr and weight decay are set every step from the schedules below
+    # AdamW (Sec. 3.2), or SGD or LARS for a convnet; lr and weight decay are set every step from the schedules
     optimizer = build_optimizer(args.optimizer, param_groups(student), device)
-    # one mixed-precision path: autocast (bf16 or fp16) on the forward, a GradScaler that only fp16 needs
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
-                              enabled=precision in ("bf16", "fp16"))
+    scaler, autocast = mixed_precision(precision, device)
+    lr_schedule, wd_schedule, momentum_schedule = schedules(args, niter_per_ep)  # one value per iteration
 
-    # ============ schedules: one value per iteration (Sec. 3.2 "Implementation details") ============
-    # lr: linear warm-up to lr·B/256, then cosine to min_lr; wd: cosine 0.04 → 0.4; teacher momentum: cosine m → 1
-    lr_schedule = cosine_schedule(args.lr * args.batch_size * world / 256, args.min_lr, args.epochs, niter_per_ep,
-                                  args.warmup_epochs)  # "linear scaling rule: lr = 0.0005 * batchsize/256"
-    wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep)
-    momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, niter_per_ep)
-    if args.momentum_teacher == 0 or args.teacher != "momentum":  # Fig. 6's other teachers copy the student (m = 0)
-        momentum_schedule[:] = 1.0 if args.teacher == "previous_epoch" else 0.0  # ... or only at epoch ends (below)
-
-    # ============ the loop: one DINO step per batch, then the epoch's log and checkpoint ============
-    # re-running in the same --output_dir resumes from its checkpoint.pth, mid-epoch included
     parts = dict(student=student, teacher=teacher, optimizer=optimizer, scaler=scaler, dino_loss=dino_loss)
-    it, history, resumed_sums = resume(ckpt_path, parts, args, niter_per_ep, rank)
+    it, history, resumed_sums = resume(args.output_dir, parts, args, niter_per_ep, rank)  # mid-epoch included
     if it >= args.epochs * niter_per_ep:
         return print_once(rank, f"training already finished ({args.epochs} epochs) in {args.output_dir}; use "
                           "another --output_dir to train again")
-    stop = catch_stop_signals()
-    print_once(rank, f"{vit.describe(vars(args))}, K={args.out_dim}, {dino_loss.ncrops} crops, "
-               f"{len(dataset)} images, {world} process(es) x {args.batch_size}, {precision} on {device}, "
-               f"{args.epochs} epochs")
+    stop = catch_stop_signals()  # Ctrl-C or SIGTERM (a cluster's time limit): save at a step boundary, then exit
+    print_once(rank, f"{vit.describe(vars(args))}, K={args.out_dim}, {dino_loss.ncrops} crops, {len(dataset)} "
+               f"images, {world} process(es) x {args.batch_size}, {precision} on {device}, {args.epochs} epochs")
     args.num_workers = loader_workers(args.num_workers, rank)
     for epoch in range(it // niter_per_ep, args.epochs):
         done = it - epoch * niter_per_ep  # iterations of this epoch already run (mid-epoch resume)
         if args.teacher == "previous_epoch" and done == 0:  # Fig. 6: the student as the last epoch left it
             update_teacher(list(teacher.parameters()), list(student.parameters()), 0.0)
-        loader = epoch_loader(dataset, sampler, epoch, done, args, device)
         meter = EpochMeter(device, resumed_sums if done else None)  # resumed midway: the log covers the whole epoch
-        resumed_sums = None
-        bar = tqdm(loader, total=niter_per_ep, initial=done, desc=f"epoch {epoch}", disable=rank != 0,
-                   dynamic_ncols=True, leave=False)
+        bar = tqdm(epoch_loader(dataset, sampler, epoch, done, args, device), total=niter_per_ep, initial=done,
+                   desc=f"epoch {epoch}", disable=rank != 0, dynamic_ncols=True, leave=False)
         for crops in bar:  # crops: [global1, global2, local1, ...], uint8 (B, 3, H, W) each
             loss = train_one_step(student_ddp, teacher, dino_loss, optimizer, scaler, autocast, crops, epoch,
                                   lr_schedule[it], wd_schedule[it], momentum_schedule[it], args)
             meter.add(loss, dino_loss.stats, it, crops[0].shape[0] * world)
             it += 1
-            if it % args.log_every == 0 or stop["signal"]:
-                meter.check_finite(niter_per_ep, ckpt_path)  # the one host sync, at intervals
+            if it % args.log_every == 0:
+                meter.check_finite(niter_per_ep, args.output_dir)  # the one host sync, at intervals
                 if rank == 0:
                     bar.set_postfix(meter.postfix(loss, dino_loss.stats))
-            # Ctrl-C or SIGTERM (a cluster's time limit): save where we are and exit (at an epoch's end: below)
-            if it % niter_per_ep and stop_requested(stop, it, args.log_every, device):
-                meter.check_finite(niter_per_ep, ckpt_path)
-                state = training_state(parts, it, niter_per_ep, args, history, meter.sums)
-                save_and_exit(state, ckpt_path, epoch, stop, rank)
+            if stop_requested(stop, it, args.log_every, device):
+                break
         bar.close()
+        meter.check_finite(niter_per_ep, args.output_dir)
+        if it % niter_per_ep:  # a signal mid-epoch: save where the run is, with the epoch's running sums, and exit
+            save_and_exit(training_state(parts, it, niter_per_ep, args, history, meter.sums), args.output_dir,
+                          epoch, stop, rank)
         # the epoch's log line: mean loss, teacher entropy and KL (Fig. 7), the schedules' values, speed
-        meter.check_finite(niter_per_ep, ckpt_path)
         log = {"epoch": epoch, **meter.means(), "lr": float(lr_schedule[it - 1]), "wd": float(wd_schedule[it - 1]),
                "momentum": float(momentum_schedule[it - 1]), "teacher_temp": dino_loss.teacher_temp(epoch),
                "img_per_s": meter.img_per_s()}
@@ -474,18 +449,19 @@ def main(args):
                 log["knn_top1"] = eval_knn.monitor_top1(teacher.backbone, *knn_sets, device=device)
                 log["knn_top1_student"] = eval_knn.monitor_top1(student.backbone, *knn_sets, device=device)
         history.append(log)
-        # checkpoint.pth, then log.txt rewritten from its history; a collapsed teacher stops the run with advice
-        save_epoch(training_state(parts, it, niter_per_ep, args, history, None), log, args, rank)
-        stop_if_collapsed(log, args, rank)
+        save_run(training_state(parts, it, niter_per_ep, args, history, None), args.output_dir, rank,
+                 args.saveckp_freq)  # checkpoint.pth, then log.txt rewritten from its history
+        print_once(rank, " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
+        stop_if_collapsed(log, args, rank)  # a collapsed teacher stops the run, with advice
         if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
             print_once(rank, f"stopped after epoch {epoch} as asked; re-run without --stop_after_epoch to continue")
             break
         if stop_requested(stop, it, 1, device):  # a signal in the epoch's last step: exit once it is logged and saved
-            save_and_exit(None, ckpt_path, epoch, stop, rank)
+            save_and_exit(None, args.output_dir, epoch, stop, rank)
     return student, teacher, dino_loss
 
 
-# ============ the bookkeeping of a long run ============
+# ============ the plumbing of main: the precision, an epoch's batches ============
 def resolve_precision(precision, device):
     if precision == "auto":
         ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -493,21 +469,12 @@ def resolve_precision(precision, device):
     return precision
 
 
-def print_once(rank, *message, **kw):
-    """print on the first process only (the others run the same code silently)."""
-    if rank == 0:
-        print(*message, **kw)
-
-
-def loader_workers(asked, rank):
-    """--num_workers, at most the CPUs this process may use (more would only compete for them: torch warns that
-    the machine may freeze); says so in one line when it lowers it."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if asked <= cpus:
-        return asked
-    print_once(rank, f"--num_workers {asked} is more than the {cpus} CPUs this process may use: {cpus} loader "
-               "workers instead", file=sys.stderr)
-    return cpus
+def mixed_precision(precision, device):
+    """One mixed-precision path: (a GradScaler that only fp16 needs, autocast in bf16 or fp16 or disabled)."""
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                              enabled=precision in ("bf16", "fp16"))
+    return scaler, autocast
 
 
 def epoch_loader(dataset, sampler, epoch, done, args, device):
@@ -520,169 +487,6 @@ def epoch_loader(dataset, sampler, epoch, done, args, device):
     return DataLoader(dataset, batch_size=args.batch_size, sampler=indices, num_workers=args.num_workers,
                       collate_fn=dataset.collate, drop_last=True, pin_memory=device.type == "cuda",
                       generator=torch.Generator().manual_seed(args.seed + epoch))
-
-
-class EpochMeter:
-    """Running sums of the loss, the teacher entropy h(P_t) and KL(P_t ‖ P_s) (Fig. 7) over an epoch, kept on the
-    device: nothing in the step waits for the host. The first non-finite loss is remembered, checked at intervals."""
-
-    def __init__(self, device, sums=None):
-        self.sums = torch.zeros(4, device=device) if sums is None else sums.to(device)  # loss, h, KL, steps
-        self.first_bad = torch.full((), -1, device=device)  # iteration of the first non-finite loss, or -1
-        self.t0, self.seen = time.time(), 0
-
-    def add(self, loss, stats, it, n_images):
-        one = torch.ones((), device=loss.device)
-        self.sums += torch.stack([loss.float(), stats["teacher_entropy"], stats["kl"], one])
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), it, self.first_bad)
-        self.seen += n_images
-
-    def check_finite(self, niter_per_ep, ckpt_path):
-        bad = int(self.first_bad)
-        if bad >= 0:
-            kept = f"the last good checkpoint is {ckpt_path}" if os.path.isfile(ckpt_path) else \
-                "no checkpoint was written"
-            raise UserError(f"loss is not finite at epoch {bad // niter_per_ep}, iteration {bad}; stopped ({kept}). "
-                            "Try a lower --lr, --clip_grad 3, a lower --teacher_temp or --precision fp32")
-
-    def img_per_s(self):
-        return self.seen / (time.time() - self.t0)
-
-    def means(self):
-        loss, entropy, kl, n = self.sums.tolist()
-        return {"loss": loss / n, "teacher_entropy": entropy / n, "kl": kl / n}
-
-    def postfix(self, loss, stats):
-        return dict(loss=f"{loss.item():.3f}", h_t=f"{stats['teacher_entropy'].item():.2f}",
-                    img_s=f"{self.img_per_s():.1f}")
-
-
-def training_state(parts, it, niter_per_ep, args, history, epoch_sums):
-    """What checkpoint.pth holds: every state dict, where the run is, its args, RNG states, log so far."""
-    # drop-path draws from the generator of the device the student is on: the CPU's, or the GPU's on CUDA
-    mine = (torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None)
-    rng = [mine]
-    if dist.is_initialized():  # each rank has its own generators; a collective: every rank calls this
-        rng = [None] * dist.get_world_size()
-        dist.all_gather_object(rng, mine)
-    return {**{name: part.state_dict() for name, part in parts.items()}, "epoch": it // niter_per_ep,
-            "iteration": it, "args": vars(args), "rng": [cpu for cpu, _ in rng], "cuda_rng": [gpu for _, gpu in rng],
-            "history": history, "epoch_sums": epoch_sums}
-
-
-def resume(ckpt_path, parts, args, niter_per_ep, rank):
-    """Load OUT/checkpoint.pth if there is one, and make log.txt its history (a run killed between the two saves
-    left it one line short). Returns (iteration, history, running sums of a stopped epoch)."""
-    if not os.path.isfile(ckpt_path):
-        write_log(args.output_dir, [], rank)  # also finds an output folder that cannot be written before training
-        return 0, [], None
-    ckpt = checkpoint.load(ckpt_path)
-    same = lambda a, b: tuple(a) == tuple(b) if isinstance(a, (list, tuple)) else a == b
-    changed = [f"--{k} was {ckpt['args'][k]}, now {vars(args)[k]}" for k in SCHEDULE_KEYS if k in ckpt["args"]
-               and not same(ckpt["args"][k], vars(args)[k])]
-    if changed:
-        raise UserError(f"cannot resume {ckpt_path}: {'; '.join(changed)} (this would break the schedules); "
-                        f"use another --output_dir or the same flags")
-    for name, part in parts.items():
-        part.load_state_dict(ckpt[name])
-    torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
-    cuda_rng = ckpt.get("cuda_rng") or [None]  # absent from CPU runs' checkpoints (and from older ones)
-    if cuda_rng[rank % len(cuda_rng)] is not None and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state(cuda_rng[rank % len(cuda_rng)])
-    write_log(args.output_dir, ckpt["history"], rank)
-    print_once(rank, f"resumed from {ckpt_path} at epoch {ckpt['iteration'] // niter_per_ep}, "
-               f"iteration {ckpt['iteration']}")
-    return ckpt["iteration"], ckpt["history"], ckpt["epoch_sums"]
-
-
-def catch_stop_signals():
-    """SIGINT/SIGTERM only raise a flag: the step in progress ends, then the loop saves a checkpoint and exits."""
-    stop = {"signal": None}
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, lambda signum, frame: stop.update(signal=signum))
-    return stop
-
-
-def stop_requested(stop, it, every, device):
-    """Did SIGINT/SIGTERM arrive? When distributed, all ranks agree every `every` steps (one tiny all-reduce)."""
-    if not dist.is_initialized():
-        return stop["signal"] is not None
-    if it % every:
-        return False
-    flag = torch.tensor(stop["signal"] or 0, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    stop["signal"] = int(flag) or None
-    return stop["signal"] is not None
-
-
-def save_and_exit(state, ckpt_path, epoch, stop, rank):
-    """Save where the run is, mid-epoch included (state None: at an epoch's end, saved already), and exit 128 + the
-    signal number (as a killed process would)."""
-    if rank == 0 and state is not None:
-        with stopping_on_write_errors(os.path.dirname(ckpt_path)):
-            checkpoint.save(state, ckpt_path)
-    where = f"epoch {epoch}, iteration {state['iteration']}" if state else f"the end of epoch {epoch}"
-    print_once(rank, f"interrupted: checkpoint saved at {where}; re-run the same command to resume", file=sys.stderr)
-    sys.exit(128 + (stop["signal"] or 15))
-
-
-def save_epoch(state, log, args, rank):
-    """checkpoint.pth, then log.txt from the history it holds (and checkpointNNNN.pth every --saveckp_freq epochs),
-    one line out. log.txt is only ever the checkpoint's history: a crash between the two leaves it one line short,
-    and the resume re-writes it (resume), so no epoch is missing or doubled. A failed write stops the run."""
-    if rank != 0:
-        return
-    epoch = log["epoch"]
-    with stopping_on_write_errors(args.output_dir):
-        checkpoint.save(state, os.path.join(args.output_dir, "checkpoint.pth"))
-        write_log(args.output_dir, state["history"], rank)
-        if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-            checkpoint.save(state, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
-    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
-
-
-def write_log(output_dir, history, rank):
-    """OUT/log.txt: one JSON line per finished epoch, the whole file re-written at once (atomic)."""
-    if rank == 0:
-        with stopping_on_write_errors(output_dir):
-            checkpoint.write_text(os.path.join(output_dir, "log.txt"), "".join(json.dumps(h) + "\n" for h in history))
-
-
-@contextlib.contextmanager
-def stopping_on_write_errors(output_dir):
-    """A file of the run that cannot be written ends the run: one line naming the file, the cause and the checkpoint
-    kept (checkpoint.WriteError -> UserError, exit code 2). Training on without a way to save would lose the work."""
-    try:
-        yield
-    except checkpoint.WriteError as e:
-        advice = {errno.ENOSPC: "free space", errno.EDQUOT: "free space", errno.EACCES: f"make {output_dir} writable",
-                  errno.EPERM: f"make {output_dir} writable", errno.EROFS: f"make {output_dir} writable"}
-        ckpt_path = os.path.join(output_dir, "checkpoint.pth")
-        again = "resume" if os.path.isfile(ckpt_path) else "start"
-        raise UserError(f"{e}; {checkpoint.kept(ckpt_path)}; {advice.get(e.errno, 'fix that')} and re-run to "
-                        f"{again}") from None
-
-
-COLLAPSE_ADVICE = {
-    "one-hot": "every image maps to the same dimension (sharpening not balanced by centring); try --centering "
-               "sinkhorn, a higher --teacher_temp or a lower --lr",
-    "uniform": "the teacher output is uniform (centring not balanced by sharpening); try --koleo_weight 0.1 (the "
-               "cpu preset's, measured in docs/cpu_recipe.md) or higher, or a lower --teacher_temp",
-}
-
-
-def stop_if_collapsed(log, args, rank):
-    """Warn when the teacher stayed collapsed for a whole epoch after the first; exit 3 with --stop_on_collapse."""
-    epoch = log["epoch"]
-    kind = collapse_kind(log["teacher_entropy"], args.out_dim) if epoch >= 1 else None
-    if not kind:
-        return
-    print_once(rank, f"warning: teacher collapsed ({kind}, mean entropy {log['teacher_entropy']:.3f} of log K = "
-               f"{math.log(args.out_dim):.3f} over epoch {epoch}): {COLLAPSE_ADVICE[kind]}", file=sys.stderr)
-    if args.stop_on_collapse:
-        print_once(rank, f"stopped: the teacher collapsed; the checkpoint of epoch {epoch} is in {args.output_dir} "
-                   "(--stop_on_collapse false trains on regardless)", file=sys.stderr)
-        sys.exit(3)
 
 
 if __name__ == "__main__":

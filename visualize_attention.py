@@ -13,15 +13,11 @@ over union). PASCAL VOC12 val, ViT-S/16: random weights 22.0, supervised 27.3, D
     python visualize_attention.py OUT/checkpoint.pth --jaccard [--random_init]  # embedded data: masks built in
     python visualize_attention.py CKPT --jaccard --data /path/ROOT --masks /path/MASKROOT [--max_images 500]
 
-Pictures: img.png (the input as the model saw it), attn-head{i}.png (heat map of head i), attn-overlay.png (every
-head in its own colour, as Fig. 3) and mask-head{i}.png (head i's 60%-mass mask over the image, as Fig. 4).
-With a folder as --image, each image in it gives one sheet, <name>.png: the image and the heads' maps in the first
-row, the overlay and the heads' masks in the second.
-The image is resized as the official script does (torchvision's Resize, bilinear): --image_size H W squashes it to
-H x W, one value resizes its short side and keeps the aspect ratio; it is then cropped (top-left) to a multiple of
-the patch size. Default: 480 480 for released weights and official files (the official default, the paper's
-figures), the training crop size (one value, 64 px for the CPU recipe) for our checkpoints. The position embeddings
-are interpolated to any grid; maps are upsampled to pixels by repeating each patch's value (nearest, as the official).
+Pictures: img.png (the input as the model saw it), attn-head{i}.png (head i's map), attn-overlay.png (each head in
+its own colour, Fig. 3), mask-head{i}.png (head i's 60%-mass mask, Fig. 4); a folder as --image: a sheet per image.
+The image is resized as the official script does (bilinear; --image_size H W squashes, one value sets the short side),
+then cropped (top-left) to a multiple of the patch: 480 480 by default for released weights and official files (the
+paper's figures), the training crop size for ours. Maps reach the pixels by repeating each patch's value (nearest).
 
 `--jaccard` prints one line `Jaccard X`, X in percent like the paper's table, with the authors' protocol
 (facebookresearch/dino issue #54): for each ground-truth object, the Jaccard of the head whose mask fits it best,
@@ -44,7 +40,7 @@ from tqdm import tqdm
 import augment
 import checkpoint
 import data as data_lib
-import vit
+import eval_knn  # the model to evaluate: a checkpoint, --pretrained NAME or --random_init, as k-NN builds it
 
 RELEASED_IMAGE_SIZE = [480, 480]  # the official default: the paper's figures, "3601 tokens for ViT-S/8" (Sec. 4.2.2)
 VOID = 255  # PASCAL VOC's label of the band along object edges, left out of the Jaccard
@@ -53,7 +49,6 @@ VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [
 
 
 # ----------------------------------------------------------------------------- attention, masks, Jaccard
-
 def prepare(img, size, patch_size, labels=None):
     """PIL image -> uint8 (3, h, w) as the official script: resized to `size` ([H, W]: exactly; [S]: the short side,
     the aspect ratio kept; bilinear), cropped (top-left) to a multiple of the patch. Ground-truth labels (uint8
@@ -149,7 +144,6 @@ def evaluate_jaccard(model, dataset, size, threshold=0.6, max_images=None):
 
 
 # ----------------------------------------------------------------------------- pictures (numpy, no matplotlib)
-
 def heatmap(a):
     """(h, w) float -> (h, w, 3) uint8 through viridis, from the map's min to its max (as plt.imsave)."""
     t = (a - a.min()) / max(float(a.max() - a.min()), 1e-12) * (len(VIRIDIS) - 1)  # (h, w) in [0, 4]
@@ -246,14 +240,6 @@ def visualize(model, image_path, output_dir, size, threshold=0.6):
 
 
 # ----------------------------------------------------------------------------- command line
-
-def random_like(model, arch, seed=0):
-    """An untrained ViT of the same shape (arch, patch, depth, stored position grid), initialised from `seed`."""
-    torch.manual_seed(seed)
-    grid = round((model.pos_embed.shape[1] - 1) ** 0.5)  # side of the stored position-embedding grid
-    return vit.ARCHS[arch](patch_size=model.patch_size, depth=len(model.blocks), img_size=grid * model.patch_size)
-
-
 def get_args_parser():
     p = argparse.ArgumentParser("visualize_attention.py", description="[CLS] self-attention maps, their 60%-mass "
                                 "masks, and their Jaccard with ground-truth masks (Sec. 4.2.2, Fig. 3-4).")
@@ -261,11 +247,9 @@ def get_args_parser():
     p.add_argument("--image", default=None, help="picture to visualise (any size, any format PIL reads), or a folder "
                    "of pictures (one sheet each)")
     p.add_argument("--output_dir", default=".", help="where the PNGs go (default: %(default)s)")
-    p.add_argument("--image_size", default=None, type=int, nargs="+", metavar="SIZE", help="H W: resize the image to "
-                   "H x W (as the official); one value: its short side, keeping the aspect ratio; default: 480 480 "
-                   "for released weights (the official default), the training crop size for our checkpoints")
-    p.add_argument("--threshold", default=0.6, type=float, help="fraction of each map's attention mass the masks "
-                   "keep; the paper uses 0.6 (default: %(default)s)")
+    p.add_argument("--image_size", default=None, type=int, nargs="+", metavar="SIZE", help="H W, or one value for the "
+                   "short side; default: 480 480 for released weights (official), the training crop size for ours")
+    p.add_argument("--threshold", default=0.6, type=float, help="share of each map's attention mass a mask keeps (0.6)")
     p.add_argument("--jaccard", action="store_true", help="score the masks against ground-truth foreground masks "
                    "of the val images; prints `Jaccard X` (percent)")
     p.add_argument("--data", default=None, help=f"with --jaccard: an embedded dataset (masks built in: "
@@ -273,11 +257,8 @@ def get_args_parser():
                    f"checkpoint was trained on, else '{data_lib.DEFAULT_DATA}'")
     p.add_argument("--masks", default=None, help="with --jaccard on a folder: masks mirroring the val/ image paths "
                    "(MASKROOT/<class>/<name>.png or MASKROOT/val/...; nonzero = foreground); default: ROOT/masks")
-    p.add_argument("--random_init", action="store_true", help="use an untrained model of the checkpoint's shape "
-                   "(the paper's 'random' baseline)")
     p.add_argument("--seed", default=0, type=int, help="seed of --random_init (default: %(default)s)")
-    p.add_argument("--max_images", default=None, type=int, help="with --jaccard: evaluate this many evenly spaced "
-                   "val images (default: all)")
+    p.add_argument("--max_images", default=None, type=int, help="with --jaccard: this many evenly spaced val images")
     return p
 
 
@@ -288,10 +269,8 @@ def run(args):
         raise ValueError(f"--threshold must be in (0, 1], got {args.threshold}")
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max_images must be at least 1, got {args.max_images}")
-    model, saved = vit.from_args(args, vit_needed="[CLS] attention maps")  # a file or --pretrained NAME; not a ResNet
-    if args.random_init:
-        model = random_like(model, saved["arch"], args.seed)
-    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, saved = eval_knn.frozen_backbone(args, device, "[CLS] attention maps", args.seed)  # a ViT, not a ResNet
     if args.image_size and (len(args.image_size) > 2 or min(args.image_size) < 1):
         raise ValueError(f"--image_size takes one or two positive sizes, got {' '.join(map(str, args.image_size))}")
     size = args.image_size or ([int(saved["global_size"])] if saved.get("global_size") else RELEASED_IMAGE_SIZE)
@@ -314,13 +293,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        run(args)
-    except (OSError, ValueError) as e:  # missing file, not a checkpoint, wrong arch, bad data folder (DataError)
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
-    return 0
+    return checkpoint.run_script(run, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from PIL import Image, ImageDraw, ImageFont
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the repository's modules
 import data
-import train
+from loss import collapse_kind
 
 SIZE, N_TRAIN, N_VAL, N_CLASSES = 64, 5000, 1000, 10
 
@@ -470,8 +470,8 @@ def knn20(ckpt, *flags):
 
 
 def collapse_state(log, out_dim):
-    """'no', 'uniform' or 'one-hot' from the last epoch's mean teacher entropy (train.py's collapse thresholds)."""
-    return train.collapse_kind(log[-1]["teacher_entropy"], out_dim) or "no"
+    """'no', 'uniform' or 'one-hot' from the last epoch's mean teacher entropy (loss.py's thresholds)."""
+    return collapse_kind(log[-1]["teacher_entropy"], out_dim) or "no"
 
 
 def run_one(name, root, runs, train_args):

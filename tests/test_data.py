@@ -6,7 +6,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import data
@@ -238,12 +237,12 @@ def test_class_balanced_indices_keep_every_class_share(labels, n):
 
 def test_labels_per_class_is_a_fixed_seeded_choice_of_n_images_of_every_class():
     ds = data.ShapesDataset("train", n=50)
-    few = data.labels_per_class(ds, 3)
+    few = eval_knn.labels_per_class(ds, 3)
     assert np.bincount([ds.targets[i] for i in few.indices], minlength=10).tolist() == [3] * 10
-    assert few.indices == data.labels_per_class(ds, 3).indices != data.labels_per_class(ds, 3, seed=1).indices
+    assert few.indices == eval_knn.labels_per_class(ds, 3).indices != eval_knn.labels_per_class(ds, 3, seed=1).indices
     for bad in (0, 6):
         with pytest.raises(data.DataError, match="--labels_per_class"):
-            data.labels_per_class(ds, bad)
+            eval_knn.labels_per_class(ds, bad)
 
 
 def _regions(mask):
@@ -286,19 +285,3 @@ def test_scatter_images_share_nothing_but_the_shape():
         levels = [g[inner & (regions == k)].mean() for k in range(1, n + 1) if (inner & (regions == k)).any()]
         spread.append(np.ptp(levels))
     assert np.median(spread) > 20, spread  # levels uniform in 170-255, one per copy
-
-
-def _raw_pixel_knn(variant):
-    """20-NN top-1 (%) of 200 val images among 500 train images, cosine similarity of the raw pixels, each image
-    centred on its own mean (so that a brighter background does not count as a difference)."""
-    feats = []
-    for split, n in (("train", 500), ("val", 200)):
-        images, _, labels = data.generate(n, split=split, variant=variant)
-        x = torch.tensor(images, dtype=torch.float32).flatten(1)
-        feats += [F.normalize(x - x.mean(1, keepdim=True), dim=1), torch.tensor(labels)]
-    return eval_knn.knn_classifier(*feats, k=20, T=0.07, num_classes=10)[0]
-
-
-def test_scatter_is_not_solved_by_raw_pixels_but_silhouettes_are():
-    # the point of `--data scatter`: where the copies lie is noise, so pixels alone do not find the class
-    assert _raw_pixel_knn("scatter") < 35 < 60 < _raw_pixel_knn("silhouettes")

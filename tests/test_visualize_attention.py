@@ -11,6 +11,7 @@ from PIL import Image
 
 import augment
 import data
+import eval_knn
 import visualize_attention as va
 import vit
 
@@ -146,9 +147,10 @@ def test_jaccard_is_one_for_identical_masks_zero_for_disjoint_ones():
     assert va.jaccard(torch.stack([a, ~a, b]), a).tolist() == pytest.approx([1, 0, 1 / 3])  # one per head
 
 
-def test_random_init_model_has_the_checkpoint_shape_but_new_weights():
+def test_random_init_model_has_the_checkpoint_shape_but_new_weights(checkpoint):
+    args = va.get_args_parser().parse_args([checkpoint, "--random_init", "--seed", "1"])
+    fresh, again = (eval_knn.frozen_backbone(args, torch.device("cpu"), seed=args.seed)[0] for _ in range(2))
     model = tiny_vit()
-    fresh, again = va.random_like(model, "vit_tiny", seed=1), va.random_like(model, "vit_tiny", seed=1)
     own = model.state_dict()
     assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in own.items()}
     assert not torch.equal(fresh.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import recipes
-import train
+import loss
 
 RENDERERS = {"strokes": recipes.render_strokes, "letters": recipes.render_letters, "textures": recipes.render_textures,
              "symbols": recipes.render_symbols, "outlines": recipes.render_outlines}
@@ -113,7 +113,7 @@ def test_collapse_verdict_uses_train_py_thresholds():
     assert recipes.collapse_state([{"teacher_entropy": 0.99 * log_k}], 256) == "uniform"
     assert recipes.collapse_state([{"teacher_entropy": 0.01 * log_k}], 256) == "one-hot"
     assert recipes.collapse_state([{"teacher_entropy": 0.7 * log_k}], 256) == "no"
-    assert train.collapse_kind(0.99 * log_k, 256) == "uniform" and train.collapse_kind(0.7 * log_k, 256) is None
+    assert loss.collapse_kind(0.99 * log_k, 256) == "uniform" and loss.collapse_kind(0.7 * log_k, 256) is None
 
 
 def test_a_folder_counts_only_when_the_labelled_control_learns_it_and_then_dino_must_gain_25_points(tmp_path):
