@@ -84,7 +84,8 @@ def main(argv=None):
         for key in ("teacher", "student"):
             model, saved = vit.from_checkpoint(args.checkpoint, checkpoint_key=key)
             models[key] = model.eval()
-        models["untrained"] = va.random_like(models["teacher"], saved["arch"]).eval()
+        torch.manual_seed(0)  # the untrained network of visualize_attention.py --random_init
+        models["untrained"] = vit.build_like(saved).eval()
         P, size = models["teacher"].patch_size, [int(saved.get("global_size") or args.size)]
         data = data or saved.get("data")
     data = data or data_lib.DEFAULT_DATA

@@ -76,7 +76,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     dino, saved = vit.from_checkpoint(args.dino)
     supervised, _ = vit.from_checkpoint(args.supervised)
-    untrained = va.random_like(dino, saved["arch"])
+    torch.manual_seed(0)  # the untrained network of visualize_attention.py --random_init
+    untrained = vit.build_like(saved)
     models = {"DINO": dino.eval(), "supervised": supervised.eval(), "untrained": untrained.eval()}
     data = saved.get("data") or data_lib.DEFAULT_DATA  # the data it was trained on: masks built in, or ROOT/masks
     dataset = data_lib.build_dataset(data, "val", masks_root=None if data in data_lib.VARIANTS else f"{data}/masks")
