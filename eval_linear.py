@@ -19,10 +19,8 @@ weight decay 0.05, the backbone at a tenth of the layer's learning rate, on augm
 
 `--cache_features 1` (default on the embedded data) extracts the features of the un-augmented images once and
 trains on them: far faster, usually a little less accurate than the official augmented protocol (the default
-for an image folder). The trained layer is saved as `linear.pth`, the per-epoch log as `linear_log.txt` (with
---finetune: the whole network as `finetune.pth`, `{"model": weights, "args": its shape}`, which the other scripts
-read as a backbone; with `--random_init` it is Table 4's supervised control, the same ViT trained with labels
-alone: `python visualize_attention.py OUT/finetune.pth --jaccard`), the log as `finetune_log.txt`.
+for an image folder). Saved: `linear.pth` and `linear_log.txt`; with --finetune `finetune.pth` ({"model", "args"}:
+the other scripts read it as a backbone; with --random_init it is Fig. 4's supervised control) and `finetune_log.txt`.
 """
 import argparse
 import json
@@ -284,9 +282,8 @@ def run(args):
     best, last = train_linear(linear, train_loader, val_loader, epochs, lr, device, embed, log, log_file, optimizer)
     if rank == 0:
         state = getattr(linear, "module", linear).state_dict()
-        if args.finetune:  # a whole network with the shape it was built from: the other scripts read it as a backbone
-            state = {"model": state, "args": {**saved, "finetuned_from": args.pretrained or args.checkpoint,
-                                              "random_init": bool(args.random_init)}}
+        if args.finetune:  # the whole network and the shape it was built from: other scripts read it as a backbone
+            state = {"model": state, "args": {**saved, "random_init": bool(args.random_init)}}
         checkpoint.save(state, os.path.join(output_dir, f"{name}.pth"))
         top5 = f", Top5: {last['acc5']:.2f}" if last.get("acc5") is not None else ""
         what = "Fine-tuning" if args.finetune else "Linear probe"
