@@ -2,7 +2,7 @@
 
 For a few val images of the embedded data: the image, then for each network its heads' attention (one colour a
 head, as Fig. 3) and the 60%-mass mask of the head that fits the objects best (as Fig. 4), with that head's
-Jaccard. The networks are what Table 4's three commands score (README §2):
+Jaccard. The networks are what Fig. 4's three commands score (README §2):
 
     python lab/plot_attention.py out/checkpoint.pth out/supervised/finetune.pth --out docs/attention.png
 
@@ -26,7 +26,7 @@ SCALE, GAP = 2, 4  # each 64 px picture drawn at 128 px; white between pictures
 
 def best_head(masks, labels):
     """(the head whose mask fits the foreground best, its Jaccard): masks bool (heads, h, w), labels (h, w)."""
-    scores = va.jaccard(masks, labels > 0)
+    scores = va.jaccard(masks & (labels != va.VOID), (labels > 0) & (labels != va.VOID))  # void counts nowhere
     return int(scores.argmax()), float(scores.max())
 
 

@@ -249,7 +249,7 @@ def test_jaccard_on_the_embedded_data_needs_no_masks(checkpoint, capsys):
 
 def test_supervised_control_written_by_eval_linear_is_read_with_its_trained_weights(checkpoint, folder, tmp_path,
                                                                                       capsys):
-    """Table 4's second row: `eval_linear.py CKPT --finetune --random_init` trains the same ViT with labels; its
+    """Fig. 4's supervised row: `eval_linear.py CKPT --finetune --random_init` trains the same ViT with labels; its
     finetune.pth is what `visualize_attention.py --jaccard` then scores, trained weights and all."""
     import eval_linear
     assert eval_linear.main([checkpoint, "--finetune", "--random_init", "--epochs", "1", "--num_workers", "0",
