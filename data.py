@@ -1,27 +1,18 @@
-"""The images DINO learns from: an embedded procedural dataset and real image folders.
+"""The images DINO learns from: an embedded procedural dataset, real image folders, and the embedded videos.
 
-- `ShapesDataset`: 64x64 RGB images of 10 shape classes, each with a foreground mask, drawn in seconds with
-  numpy/PIL (no download ever) and cached under $DINO_CACHE or ~/.cache/dino_shapes. Labels serve evaluation only
-  (k-NN, linear probe, Sec. 3.2); training never reads them. VARIANTS, each kept for what it teaches:
-  `scatter` (the default): 4-8 small copies of the class shape, each with its own place, size, tilt and grey, on
-      one dark grey for every image. Two views of an image share nothing but the shape, so DINO must learn shapes;
-      raw pixels and an untrained network find few neighbours of the right class (docs/cpu_recipe.md).
-  `scatter2`: the same with 10 other shapes (SHAPES2): the held-out sibling, never tuned on.
-  `shapes`: one large shape of a random colour on a cluttered colour gradient: the documented failure. Two views
-      share the background colours, and DINO matches views by the cheapest thing they share (lab/notes/recipe.md).
-  The shapes are polygons inside the unit circle, drawn at 2x and averaged 2x2 (cheap antialiasing);
-  `render_image(rng, label, variant)` draws one image and its bool mask. The lab registers its own (lab/variants.py).
-- `ImageFolderDataset`: ImageNet-style ROOT/{train,val}/<class>/<image> folders, read lazily; an unreadable or
-  truncated file is skipped with a warning instead of crashing a run hours in.
-- `build_dataset(data, split, transform=None, masks_root=None)`: what train.py and eval_*.py call.
-- `synthetic_videos()`: the embedded videos of eval_video_segmentation.py (Sec. 4.2.2): shapes that move, turn and
-  cross, with a mask per frame (`render_video`).
+- `ShapesDataset`: 64x64 RGB images of 10 shape classes, each with a foreground mask, drawn in seconds with numpy/PIL
+  (no download ever) and cached under $DINO_CACHE or ~/.cache/dino_shapes. Labels serve evaluation only (k-NN,
+  linear probe, Sec. 3.2); training never reads them. VARIANTS (the lab adds its own: lab/variants.py):
+  `scatter` (the default): 4-8 small copies of the class shape on one dark grey. Two views of an image share nothing
+      but the shape, so DINO must learn shapes; raw pixels and an untrained network do not (docs/cpu_recipe.md).
+- `ImageFolderDataset`: ImageNet-style ROOT/{train,val}/<class>/<image> folders, read lazily; an unreadable file is
+  skipped with a warning instead of crashing a run hours in. `build_dataset(data, split, ...)` picks one of the two.
+- `synthetic_videos()`: the videos of eval_video_segmentation.py (Sec. 4.2.2): shapes that move, turn and cross.
 
 Every dataset yields `(transform(img), label)` with `img` an RGB PIL image, and has `classes`, `targets`,
 `image(i)` (the untransformed image) and `mask(i)` (bool (H, W) foreground, or None).
 
-    python data.py --make_folder DIR [--variant scatter2]     # write a procedural ImageNet-style folder
-    python lab/plot_samples.py --out docs/samples.png         # the README's pictures of the data and the views
+    python data.py --make_folder DIR [--seed 7]     # write the procedural images as an ImageNet-style folder
 """
 import argparse
 import os
@@ -58,9 +49,8 @@ def _star(points, inner):
     return _ngon(2 * points) * r[:, None]
 
 
-_t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
-_heart = np.stack([16 * np.sin(_t) ** 3, 13 * np.cos(_t) - 5 * np.cos(2 * _t) - 2 * np.cos(3 * _t) - np.cos(4 * _t)],
-                  1)  # (48, 2), the classic parametric heart
+_t = np.linspace(0, 2 * np.pi, 48, endpoint=False)  # the classic parametric heart, (48, 2):
+_heart = np.stack([16 * np.sin(_t) ** 3, 13 * np.cos(_t) - 5 * np.cos(2 * _t) - 2 * np.cos(3 * _t) - np.cos(4 * _t)], 1)
 SHAPES = {
     "circle": [(_ngon(48), 255)],
     "square": [(_ngon(4, phase=np.pi / 4), 255)],
@@ -73,98 +63,15 @@ SHAPES = {
     "arrow": [(_poly(-1, -.25, .1, -.25, .1, -.7, 1, 0, .1, .7, .1, .25, -1, .25), 255)],
     "L_shape": [(_poly(0, 0, .5, 0, .5, .75, .95, .75, .95, 1.25, 0, 1.25), 255)],
 }
-SHAPES2 = {  # the held-out variant, scatter2: ten other shapes
-    "pentagon": [(_ngon(5), 255)],
-    "diamond": [(_ngon(4, aspect=0.5), 255)],
-    "ellipse": [(_ngon(48, aspect=0.5), 255)],
-    "tee": [(_poly(-1, -1, 1, -1, 1, -.55, .22, -.55, .22, 1, -.22, 1, -.22, -.55, -1, -.55), 255)],
-    "chevron": [(_poly(-1, -.5, 0, .3, 1, -.5, 1, .05, 0, .85, -1, .05), 255)],
-    "trapezoid": [(_poly(-1, .5, 1, .5, .4, -.5, -.4, -.5), 255)],
-    "semicircle": [(_poly(_ngon(48)[:25]), 255)],
-    "bowtie": [(_poly(-1, -.75, 0, -.12, 1, -.75, 1, .75, 0, .12, -1, .75), 255)],
-    "u_shape": [(_poly(-.8, -.9, -.4, -.9, -.4, .4, .4, .4, .4, -.9, .8, -.9, .8, .8, -.8, .8), 255)],
-    "frame": [(_ngon(4, phase=np.pi / 4), 255), (_ngon(4, r=0.6, phase=np.pi / 4), 0)],
-}
 DEFAULT_DATA = "scatter"  # what train.py, data.py and the evaluations use when no --data is given
 
 
 # --- drawing one image -----------------------------------------------------------------------------------------
-def _smooth_noise(rng, cells, S, channels):
-    """Value noise: a (cells+1)^2 grid of N(0,1) values, smoothly interpolated to (S, S, channels)."""
-    g = rng.normal(size=(cells + 1, cells + 1, channels))
-    u = np.linspace(0, cells, S, endpoint=False)
-    i, f = u.astype(int), u % 1
-    f = (f * f * (3 - 2 * f))[:, None, None]  # smoothstep: no visible grid lines
-    rows = g[i] * (1 - f) + g[i + 1] * f  # (S, cells+1, C)
-    return rows[:, i] * (1 - f[None, :, :, 0]) + rows[:, i + 1] * f[None, :, :, 0]  # (S, S, C)
-
-
-def _far_colour(rng, fg, min_dist=100):
-    """A random colour at least `min_dist` (RGB L2) from the object's, so the object stays salient."""
-    for _ in range(50):
-        c = rng.uniform(0, 255, 3)
-        if np.linalg.norm(c - fg) >= min_dist:
-            return c
-    return 255 - fg
-
-
-def _background(rng, fg, size):
-    """`shapes`: a 2x-size RGB PIL background, a colour gradient with clutter. The clutter (lines, blobs) is never a
-    class object: it makes "find the big object" a real task, so attention that finds it has learnt something."""
-    yy, xx = np.mgrid[0:size, 0:size] / size  # smooth fields are computed at 1x and upsampled: 4x cheaper
-    c0, c1 = _far_colour(rng, fg), _far_colour(rng, fg)
-    a = rng.uniform(0, 2 * np.pi)  # linear colour gradient in a random direction + low-frequency colour noise
-    t = np.clip((xx - .5) * np.cos(a) + (yy - .5) * np.sin(a) + .5, 0, 1)[..., None]
-    bg = c0 + (c1 - c0) * t + 30 * _smooth_noise(rng, 4, size, 3)  # (size, size, 3)
-    S = 2 * size
-    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8)).resize((S, S), Image.BILINEAR)
-    draw = ImageDraw.Draw(img)
-    for _ in range(rng.integers(3, 9)):
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        x0, y0, length, angle = *rng.uniform(0, S, 2), rng.uniform(S / 6, S / 2), rng.uniform(0, 2 * np.pi)
-        x1, y1 = x0 + length * np.cos(angle), y0 + length * np.sin(angle)  # strokes of 1/6 to 1/2 of the side
-        w, r = int(rng.integers(2, 6)), rng.uniform(S / 40, S / 13)  # stroke width, blob radius (1.5-5 px at 64)
-        if rng.integers(3) < 2:
-            draw.line([(x0, y0), (x1, y1)], fill=colour, width=w)
-        else:
-            draw.ellipse([x0 - r, y0 - r, x0 + r * rng.uniform(.5, 1.5), y0 + r], fill=colour)
-    return img
-
-
 def render_image(rng, label, variant=DEFAULT_DATA, size=64, plain=False):
     """Draw one image of class `label`: returns uint8 (size, size, 3) and its bool (size, size) mask.
     `plain=True` draws the same object(s) in white on black, without clutter or noise (used by the tests)."""
     shapes, draw = VARIANTS[variant]
     return draw(rng, shapes, label, size, plain)
-
-
-def render_object(rng, shapes, label, size=64, plain=False, radius=(0.175, 0.375)):
-    """`shapes`: one large shape of class `label`, of a random colour, on a cluttered colour gradient (`_background`)
-    with pixel noise; `radius`: its range as a share of the side (35-75% of the side across)."""
-    S = 2 * size  # draw at 2x and average 2x2 pixels: cheap antialiasing
-    r = rng.uniform(*radius) * S
-    cx, cy = rng.uniform(r, S - r, 2)  # anywhere it fits entirely
-    # Objects stand roughly upright (±25°), as objects in photographs do: DINO's augmentations (crops, flips,
-    # colour) teach no rotation invariance, and with any rotation both views of an image share an orientation
-    # that several classes have in common, so neighbours would be found by orientation rather than by shape.
-    a = rng.uniform(-MAX_TILT, MAX_TILT)
-    alpha = Image.new("L", (S, S), 0)
-    _draw_shape(ImageDraw.Draw(alpha), list(shapes.values())[label], r, (cx, cy), a)
-    # The colour is drawn independently of the class, so no pixel statistic tells the class: only the shape does.
-    fg = rng.uniform(0, 255, 3)
-    if plain:
-        img = alpha.convert("RGB")
-    else:
-        yy, xx = np.mgrid[0:S:2, 0:S:2] + 1.0  # 1x pixel centres, in 2x pixel units
-        b = rng.uniform(0, 2 * np.pi)  # soft shading across the object, so it is not one flat colour
-        shade = 35 * ((xx - cx) * np.cos(b) + (yy - cy) * np.sin(b)) / r  # (size, size)
-        obj = Image.fromarray(np.clip(fg + shade[..., None], 0, 255).astype(np.uint8)).resize((S, S), Image.BILINEAR)
-        img = Image.composite(obj, _background(rng, fg, size), alpha)
-    mask = np.asarray(alpha.reduce(2)) >= 128  # (size, size): at least half of the pixel is object
-    img = np.asarray(img.reduce(2), np.float32)  # (size, size, 3)
-    if not plain:
-        img = img + rng.normal(0, 6, img.shape)  # sensor-like pixel noise
-    return np.clip(np.round(img), 0, 255).astype(np.uint8), mask
 
 
 def _draw_shape(draw, polygons, r, centre, angle):
@@ -175,16 +82,11 @@ def _draw_shape(draw, polygons, r, centre, angle):
 
 
 def _render_scatter(rng, shapes, label, size=64, plain=False):
-    """`--data scatter`: 4-8 small copies of the class shape (radius 7-13% of the side), each with its own position,
-    size, tilt and light grey, never overlapping, on a dark grey that is the same for every image.
-
-    Where a copy lies is noise, and so is how big it is: two images of a class share no pixel pattern, so raw pixels
-    and an untrained network find few neighbours of the right class (docs/cpu_recipe.md). Nearly every crop DINO takes
-    holds a copy or more, and nothing else is common to the crops of one image (no level is drawn per image), so
-    matching two views is done by the shape, which is what DINO has to learn."""
+    """`--data scatter`: 4-8 copies of the class shape (radius 7-13% of the side), each with its own place, size, tilt
+    and light grey, never overlapping, on one dark grey for every image. Where a copy lies and how big it is are noise,
+    so two images of a class share no pixel pattern, and the crops of one image share nothing but the shape."""
     S = 2 * size  # draw at 2x and average 2x2 pixels: cheap antialiasing
-    alpha = Image.new("L", (S, S), 0)
-    grey = Image.new("L", (S, S), 0)  # the grey level of each copy
+    alpha, grey = Image.new("L", (S, S), 0), Image.new("L", (S, S), 0)  # where the copies are; the grey of each
     draw, paint = ImageDraw.Draw(alpha), ImageDraw.Draw(grey)
     placed, n = [], rng.integers(4, 9)  # (centre, radius) of the copies drawn so far, how many are wanted
     for _ in range(200):  # rejection sampling: a copy that would touch another one is not drawn
@@ -208,8 +110,7 @@ def _render_scatter(rng, shapes, label, size=64, plain=False):
     return np.clip(np.round(img), 0, 255).astype(np.uint8), mask
 
 
-VARIANTS = {"scatter": (SHAPES, _render_scatter), "scatter2": (SHAPES2, _render_scatter),
-            "shapes": (SHAPES, render_object)}  # name -> (its shapes, how an image is drawn); see the docstring
+VARIANTS = {"scatter": (SHAPES, _render_scatter)}  # name -> (its shapes, how an image is drawn); lab/variants.py adds
 
 
 # ============ the embedded datasets ============
@@ -227,9 +128,8 @@ class UnreadableImageWarning(UserWarning):
 
 
 def generate(n, seed=0, split="train", variant=DEFAULT_DATA, size=64):
-    """n images (balanced classes: label = i % n_classes) -> uint8 (n,H,W,3), bool (n,H,W) masks, int64 labels.
-    Image i is drawn from its own generator seeded by (seed, split, i): it does not depend on n, and train and val
-    come from disjoint seeds, so no val image is ever a copy of a training image."""
+    """n images (label = i % n_classes) -> uint8 (n,H,W,3), bool (n,H,W) masks, int64 labels. Image i has its own
+    generator, seeded by (seed, split, i): it does not depend on n, and no val image is a copy of a training one."""
     n_classes = len(VARIANTS[variant][0])
     images, masks = np.empty((n, size, size, 3), np.uint8), np.empty((n, size, size), bool)
     labels = np.arange(n) % n_classes
@@ -294,11 +194,8 @@ class ShapesDataset(Dataset):
 
 
 def class_balanced_indices(targets, n):
-    """n sorted indices into `targets` that keep every class's share, whatever the order of the samples.
-
-    Indices are grouped by label, then taken at evenly spaced positions. (Evenly spaced positions over the raw index
-    would not do: the embedded data interleaves its labels, i % 10, so truncated indices with a stride of about 2
-    all land on even indices, i.e. on 5 of the 10 classes.)"""
+    """n sorted indices into `targets` that keep every class's share, whatever the order of the samples: grouped by
+    label, then taken at even steps (even steps over the raw index of labels i % 10 could hit 5 classes only)."""
     by_class = np.argsort(np.asarray(targets), kind="stable")  # class 0's indices, then class 1's, ...
     return sorted(by_class[np.linspace(0, len(targets) - 1, n).round().astype(int)].tolist())
 
@@ -393,8 +290,7 @@ class ImageFolderDataset(Dataset):
         return a > 0
 
     def __getitem__(self, i):
-        # A bad file must not kill a run hours in: warn, count it, and return the next readable image instead
-        # (deterministic, so every epoch substitutes the same one).
+        # A bad file must not kill a run hours in: warn, and return the next readable image (the same every epoch)
         for j in range(i, i + MAX_CONSECUTIVE_FAILURES + 1):
             j %= len(self.samples)
             if j in self.skipped:
@@ -421,7 +317,8 @@ def build_dataset(data, split, transform=None, masks_root=None):
     root = os.path.normpath(os.path.expanduser(str(data)))
     if not os.path.isdir(root):
         if not os.path.exists(root) and os.sep not in str(data) and not str(data).startswith((".", "~")):
-            raise DataError(f"unknown data '{data}': use {' or '.join(VARIANTS)}, or the path of an image folder")
+            raise DataError(f"unknown data '{data}': use {' or '.join(VARIANTS)}, or the path of an image folder (the "
+                            f"lab's datasets are known through lab/variants.py: python lab/variants.py train.py ...)")
         raise DataError(f"data folder not found: {root}")
     if split == "train":
         folder = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
@@ -441,13 +338,10 @@ VIDEO_SEEDS = 1000  # video i is drawn from the generator seeded by (VIDEO_SEEDS
 
 
 def render_video(index, n_frames=24, size=128, n_objects=3, exposure=0.4):
-    """Video `index` of the embedded video-segmentation set: `n_objects` shapes of different SHAPES classes, each with
-    its own grey, size and spin, sliding across the frame on straight paths that pass near its centre, so that they
-    cross and hide one another (a later object is in front). Drawn as `scatter` is (light greys on a dark grey,
-    pixel noise), the objects a little larger than its copies (radius 10-14% of the side). The camera's exposure
-    drifts, as in real footage: brightness and contrast each follow a slow wave between 1 - exposure and
-    1 + exposure (0.6-1.4 by default, the range of DINO's colour jitter), so that grey levels alone cannot carry an
-    object's label from frame to frame (with exposure=0 they can, and an untrained network does as well as DINO).
+    """Video `index`: `n_objects` shapes of different SHAPES classes, drawn as `scatter`'s copies but larger (radius
+    10-14% of the side), turning and sliding on straight paths near the centre, so they cross and hide one another.
+    Brightness and contrast follow slow waves within 1 ± exposure (DINO's colour jitter): grey levels alone cannot
+    carry a label across frames (with exposure=0 they can, and an untrained network matches DINO).
     Returns uint8 frames (T, size, size, 3) and uint8 masks (T, size, size): 0 background, k for object k (1..n)."""
     rng = np.random.default_rng([VIDEO_SEEDS, index])
     S = 2 * size  # draw at 2x and average 2x2 pixels, as the images
@@ -465,8 +359,7 @@ def render_video(index, n_frames=24, size=128, n_objects=3, exposure=0.4):
     phase = rng.uniform(0, 2 * np.pi, 2)
     brightness = 1 + exposure * np.sin(2 * np.pi * t / 9 + phase[0])  # (T,): periods of 9 and 7 frames
     contrast = 1 + exposure * np.sin(2 * np.pi * t / 7 + phase[1])
-    frames = np.empty((n_frames, size, size, 3), np.uint8)
-    masks = np.zeros((n_frames, size, size), np.uint8)
+    frames, masks = np.empty((n_frames, size, size, 3), np.uint8), np.zeros((n_frames, size, size), np.uint8)
     for t in range(n_frames):
         img = np.full((size, size), 35.0)  # the dark grey of `scatter`
         u = t / max(n_frames - 1, 1)  # how far along its path each object is
@@ -485,18 +378,16 @@ def render_video(index, n_frames=24, size=128, n_objects=3, exposure=0.4):
 
 
 def synthetic_videos(n_videos=8, n_frames=24, size=128):
-    """[(name, frames, masks)] of `render_video`: the default data of eval_video_segmentation.py (deterministic,
-    a second or two to draw, nothing cached)."""
+    """[(name, frames, masks)] of `render_video`: eval_video_segmentation.py's default (a second or two to draw)."""
     return [(f"video{i:02d}", *render_video(i, n_frames, size)) for i in range(n_videos)]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write the procedural dataset as an ImageNet-style image folder "
-                                "(pictures of it: lab/plot_samples.py).")
+    p = argparse.ArgumentParser(description="Write the procedural dataset as an ImageNet-style image folder.")
     p.add_argument("--make_folder", required=True, metavar="DIR", help="write DIR/{train,val}/<class>/*.png and "
                    "the masks DIR/masks/val/<class>/*.png")
-    p.add_argument("--variant", default=DEFAULT_DATA, choices=list(VARIANTS), help="which procedural dataset to "
-                   "write (default: %(default)s)")
+    p.add_argument("--variant", default=DEFAULT_DATA, choices=list(VARIANTS),
+                   help="%(default)s (the lab's datasets: python lab/variants.py data.py ...)")
     p.add_argument("--n_train", type=int, default=5000, help="training images (default: %(default)s)")
     p.add_argument("--n_val", type=int, default=1000, help="validation images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="use a seed the recipe was not tuned on to hold data out")

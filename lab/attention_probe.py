@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import augment
 import data as data_lib
+import variants  # noqa: F401  (the lab's datasets, e.g. scatter2: lab/variants.py)
 import vit
 import visualize_attention as va
 

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as data_lib
+import variants  # noqa: F401  (the lab's datasets, e.g. scatter2: lab/variants.py)
 import visualize_attention as va
 import vit
 

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 import augment
 import data as data_lib
+import variants  # noqa: F401  (the lab's datasets, e.g. scatter2: lab/variants.py)
 import train
 
 

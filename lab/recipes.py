@@ -7,7 +7,7 @@ collapsed (to 0 or to log K) at the end. The folders:
 
     role     name      what
     tuned    scatter   the embedded default (data.py): 4-8 small copies of one of ten shapes
-    tuned    scatter2  its sibling with ten other shapes
+    tuned    scatter2  its sibling with ten other shapes (lab/variants.py)
     tuned    strokes   ten pen-stroke glyphs, 1-4 per image, jittered like handwriting, dark ink on light paper
     report   letters   the letters A-J in the DejaVu typefaces on the machine, 1-3 per image, on textured grey
     report   textures  ten texture families (stripes, checks, dots, rings, ...), random scale, angle and colours
@@ -50,14 +50,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the repository's modules
 import data
 from loss import collapse_kind
+from variants import smooth_noise
 
 SIZE, N_TRAIN, N_VAL, N_CLASSES = 64, 5000, 1000, 10
+
+
+def script(name):
+    """The command that runs a top-level script with the lab's datasets known (scatter2 is one: lab/variants.py)."""
+    return [sys.executable, os.path.join(REPO, "lab", "variants.py"), name]
 
 
 # --- generators: (rng, label, split) -> uint8 (SIZE, SIZE, 3) --------------------------------------------------------
 def _paper(rng, level, noise_cells=4, amp=12.0):
     """A grey background at `level` with faint low-frequency shading and pixel noise, (S, S) float."""
-    return level + amp * data._smooth_noise(rng, noise_cells, SIZE, 1)[..., 0] + rng.normal(0, 4, (SIZE, SIZE))
+    return level + amp * smooth_noise(rng, noise_cells, SIZE, 1)[..., 0] + rng.normal(0, 4, (SIZE, SIZE))
 
 
 def _place(rng, n, r_range, side, tries=200):
@@ -158,7 +164,7 @@ def render_textures(rng, label, split=None):
     elif label == 5:  # cross-hatch (thin lines both ways)
         t = (np.abs(np.sin(np.pi * f * u + ph[0])) < 0.3) | (np.abs(np.sin(np.pi * f * v + ph[1])) < 0.3)
     elif label == 6:  # blobs: thresholded smooth noise
-        t = data._smooth_noise(rng, int(f), SIZE, 1)[..., 0] > 0.3
+        t = smooth_noise(rng, int(f), SIZE, 1)[..., 0] > 0.3
     elif label == 7:  # fine grain: thresholded pixel noise
         t = rng.random((SIZE, SIZE)) < 0.5
     elif label == 8:  # waves: wavy stripes
@@ -221,7 +227,7 @@ def render_symbols(rng, label, split=None):
     fonts = [f for f in _fonts() if os.path.basename(f) in SYMBOL_FONTS]
     S = 2 * SIZE
     bg = rng.uniform(40, 220, 3)
-    img = bg + 14 * data._smooth_noise(rng, 5, SIZE, 3) + rng.normal(0, 4, (SIZE, SIZE, 3))  # (SIZE, SIZE, 3)
+    img = bg + 14 * smooth_noise(rng, 5, SIZE, 3) + rng.normal(0, 4, (SIZE, SIZE, 3))  # (SIZE, SIZE, 3)
     luma, mask = np.array([0.299, 0.587, 0.114]), np.zeros((SIZE, SIZE), bool)
     for c, r in _place(rng, rng.integers(1, 4), (0.14 * S, 0.26 * S), S):
         font = ImageFont.truetype(fonts[rng.integers(len(fonts))], int(2.0 * r))
@@ -388,7 +394,7 @@ def make_folder(name, root, n_train=N_TRAIN, n_val=N_VAL):
 
 def jaccard(ckpt, *flags):
     """`visualize_attention.py ckpt --jaccard` (the authors' protocol), or None for a folder without masks."""
-    cmd = [sys.executable, os.path.join(REPO, "visualize_attention.py"), ckpt, "--jaccard", *flags]
+    cmd = [*script("visualize_attention.py"), ckpt, "--jaccard", *flags]
     out = subprocess.run(cmd, capture_output=True, text=True)
     m = re.search(r"^Jaccard ([\d.]+)", out.stdout, re.M)
     return float(m.group(1)) if m else None
@@ -461,7 +467,7 @@ def supervised(folder, epochs=6, lr=1e-3, seed=0, stem="patch"):
 
 # --- running the suite ------------------------------------------------------------------------------------------
 def knn20(ckpt, *flags):
-    cmd = [sys.executable, os.path.join(REPO, "eval_knn.py"), ckpt, "--nb_knn", "20", "--num_workers", "0", *flags]
+    cmd = [*script("eval_knn.py"), ckpt, "--nb_knn", "20", "--num_workers", "0", *flags]
     out = subprocess.run(cmd, capture_output=True, text=True)
     m = re.search(r"20-NN classifier result: Top1: ([\d.]+)", out.stdout)
     if not m:
@@ -479,7 +485,7 @@ def run_one(name, root, runs, train_args):
     if target is None:
         return None
     out_dir = os.path.join(runs, name)
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--preset", "cpu", "--data", target, "--output_dir", out_dir,
+    cmd = [*script("train.py"), "--preset", "cpu", "--data", target, "--output_dir", out_dir,
            *train_args]
     print("$", " ".join(map(shlex.quote, cmd)), flush=True)
     t0 = time.time()

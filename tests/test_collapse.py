@@ -15,6 +15,7 @@ import pytest
 
 import data
 import train
+import variants  # noqa: F401  (lab/variants.py: the lab's datasets; the tiny runs here draw from "shapes")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 import data
 import eval_knn
+import variants  # lab/variants.py: the lab's datasets, tested here with the core's
 
 
 @pytest.fixture(autouse=True)
@@ -119,12 +120,12 @@ def test_folder_dataset_round_trips_images_labels_and_masks(tmp_path):
     root = data.make_folder_dataset(str(tmp_path / "f"), n_train=20, n_val=10, seed=1, variant="scatter2")
     train = data.build_dataset(root, "train")
     val = data.build_dataset(root, "val", masks_root=os.path.join(root, "masks", "val"))
-    assert len(train) == 20 and len(val) == 10 and train.classes == val.classes == sorted(data.SHAPES2)
+    assert len(train) == 20 and len(val) == 10 and train.classes == val.classes == sorted(variants.SHAPES2)
     images, masks, labels = data.generate(10, seed=1, split="val", variant="scatter2")
     for i in range(len(val)):
         img, label = val[i]
         j = int(os.path.basename(val.samples[i][0])[:-4])  # files are named by generation index
-        assert img.mode == "RGB" and val.classes[label] == list(data.SHAPES2)[labels[j]]
+        assert img.mode == "RGB" and val.classes[label] == list(variants.SHAPES2)[labels[j]]
         assert np.array_equal(np.asarray(img), images[j]) and np.array_equal(val.mask(i), masks[j])
     assert train.mask(0) is None  # no masks_root, no mask
     # a masks_root that holds val/ is understood too

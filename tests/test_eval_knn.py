@@ -144,7 +144,7 @@ def test_knn_monitor_separates_dark_from_light_and_restores_train_mode():
 
 def test_loads_our_checkpoint_layout(tmp_path):
     source, x = tiny_vit().eval(), torch.randn(2, 3, 32, 32)
-    save_ours(tmp_path / "checkpoint.pth", source, global_size=64, data="shapes")
+    save_ours(tmp_path / "checkpoint.pth", source, global_size=64, data="scatter")
     model, saved = vit.from_checkpoint(str(tmp_path / "checkpoint.pth"))
     assert saved["global_size"] == 64 and checkpoint.eval_image_size(None, saved) == 64
     torch.testing.assert_close(model.eval()(x), source(x))

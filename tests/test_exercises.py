@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import data
 import exercises
 import train
+import variants  # noqa: F401  (lab/variants.py: the lab's datasets; the tiny runs here draw from "shapes")
 import vit
 from head import DINOHead
 

@@ -26,6 +26,7 @@ import checkpoint
 import data
 import eval_linear
 import train
+import variants  # noqa: F401  (lab/variants.py: the lab's datasets; the tiny runs here draw from "shapes")
 import visualize_attention
 import vit
 

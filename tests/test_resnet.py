@@ -14,6 +14,7 @@ import eval_knn
 import eval_linear
 import eval_retrieval
 import train
+import variants  # noqa: F401  (lab/variants.py: the lab's datasets; the tiny runs here draw from "shapes")
 import vit
 
 

@@ -16,6 +16,7 @@ import torch
 import data
 import eval_knn
 import train
+import variants  # noqa: F401  (lab/variants.py: the lab's datasets; the tiny runs here draw from "shapes")
 import vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,6 +12,7 @@ from PIL import Image
 import augment
 import data
 import eval_knn
+import variants  # noqa: F401  (lab/variants.py: the lab's datasets; the tiny runs here draw from "shapes")
 import visualize_attention as va
 import vit
 

@@ -9,6 +9,7 @@ from PIL import Image
 import attention_probe
 import data
 import plot_attention
+import variants  # noqa: F401  (lab/variants.py: the lab's datasets; the tiny runs here draw from "shapes")
 import visualize_attention as va
 import vit
 

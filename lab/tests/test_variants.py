@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import data
 import eval_knn
-import variants  # noqa: F401  (puts `silhouettes` into data.VARIANTS)
+import variants  # noqa: F401  (puts `scatter2`, `shapes` and `silhouettes` into data.VARIANTS)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
