@@ -12,6 +12,7 @@ from PIL import Image
 import augment
 import data
 import eval_knn
+import eval_linear
 import variants  # noqa: F401  (lab/variants.py: the lab's datasets; the tiny runs here draw from "shapes")
 import visualize_attention as va
 import vit
@@ -252,7 +253,6 @@ def test_supervised_control_written_by_eval_linear_is_read_with_its_trained_weig
                                                                                       capsys):
     """Fig. 4's supervised row: `eval_linear.py CKPT --finetune --random_init` trains the same ViT with labels; its
     finetune.pth is what `visualize_attention.py --jaccard` then scores, trained weights and all."""
-    import eval_linear
     assert eval_linear.main([checkpoint, "--finetune", "--random_init", "--epochs", "1", "--num_workers", "0",
                              "--n_last_blocks", "1", "--data", folder, "--output_dir", str(tmp_path)]) == 0
     tuned = torch.load(tmp_path / "finetune.pth", weights_only=True)
