@@ -499,7 +499,8 @@ def run_one(name, root, runs, train_args):
     out_dim = torch.load(ckpt, map_location="cpu", weights_only=False)["args"]["out_dim"]
     row = {"name": name, "role": FOLDERS[name][0], "trained": knn20(ckpt), "untrained": knn20(ckpt, "--random_init"),
            "raw": knn20(ckpt, "--raw_pixels"), "jaccard": jaccard(ckpt),
-           "jaccard_untrained": jaccard(ckpt, "--random_init"), "wall_min": wall / 60, "collapse": collapse_state(log, out_dim),
+           "jaccard_untrained": jaccard(ckpt, "--random_init"), "wall_min": wall / 60,
+           "collapse": collapse_state(log, out_dim),
            "entropy": [round(e["teacher_entropy"], 2) for e in log],
            "online": [e.get("knn_top1") for e in log], "epochs": len(log), "stopped_on_collapse": code == 3,
            "train_args": " ".join(train_args)}
